@@ -1,0 +1,1062 @@
+"""Shared parts of the method scripts: data, batched GPU augmentation, backbones, evaluation and
+run plumbing (seeding, devices, run directories, checkpoints, distributed helpers).
+
+Nothing here is specific to one method: the clustering, losses and schedules of each method live
+in its own file. Images are uint8 tensors (N, C, H, W) kept on the training device; augmentation
+works on float batches in [0, 1] with per-sample randomness drawn from torch's global generator,
+so `torch.manual_seed` makes it reproducible and checkpoints capture it.
+"""
+import contextlib
+import datetime
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from scipy.optimize import linear_sum_assignment
+
+
+class Abort(Exception):
+    """A problem the user can fix (bad flag, missing file, diverged run): one line, no traceback."""
+
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_main(main):
+    """Call `main()`, turning an Abort into a one-line message on stderr and its exit code."""
+    try:
+        main()
+    except Abort as error:
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+
+
+# ================================================================================================
+# Data
+# ================================================================================================
+# name: (torchvision class, cache name, classes, channel mean, channel std)
+DATASETS = {
+    "mnist": ("MNIST", "mnist", 10, (0.1307,), (0.3081,)),
+    "fashion-mnist": ("FashionMNIST", "fashion-mnist", 10, (0.2860,), (0.3530,)),
+    "svhn": ("SVHN", "svhn", 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "cifar10": ("CIFAR10", "cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ("CIFAR100", "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar100-20": ("CIFAR100", "cifar100", 20, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10-lt": ("CIFAR10", "cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100-lt": ("CIFAR100", "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ("STL10", "stl10", 10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": (None, None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": (None, None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+SPLITS = {"stl10": ("train", "test", "unlabeled", "train+unlabeled", "all")}
+SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+
+
+def default_data_dir():
+    return os.environ.get("DATA_DIR", "./data")
+
+
+class TensorImages:
+    """A small dataset held as one uint8 tensor on the training device; batches are index slices."""
+
+    def __init__(self, name, images, labels, num_classes, mean, std):
+        self.name, self.images, self.labels, self.num_classes = name, images, labels, num_classes
+        self.mean, self.std = mean, std
+
+    def __len__(self):
+        return len(self.labels)
+
+    def to(self, device):
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def batches(self, order, batch_size, random_crop=False):
+        """Yield (indices, uint8 images, labels) for consecutive slices of `order`.
+        `random_crop` is for folder datasets, whose workers crop; here the caller augments."""
+        order = order.to(self.labels.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield idx, self.images[idx], self.labels[idx]
+
+
+class _FolderItems(torch.utils.data.Dataset):
+    def __init__(self, folder, transform):
+        self.folder, self.transform = folder, transform
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, index):
+        image, label = self.folder[index]
+        return index, self.transform(image), label
+
+
+class FolderImages:
+    """An ImageFolder streamed by DataLoader workers that decode and crop to `image_size` (uint8);
+    the rest of the augmentation runs batched on the device."""
+
+    def __init__(self, root, image_size=224, device="cpu", workers=None):
+        self.folder = torchvision.datasets.ImageFolder(root)
+        self.name, self.image_size, self.device = "imagefolder", image_size, torch.device(device)
+        self.labels = torch.tensor(self.folder.targets, dtype=torch.long, device=self.device)
+        self.num_classes = len(self.folder.classes)
+        self.mean, self.std = DATASETS["imagefolder"][3:]
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
+
+    def __len__(self):
+        return len(self.folder)
+
+    def to(self, device):
+        self.device, self.labels = torch.device(device), self.labels.to(device)
+        return self
+
+    def batches(self, order, batch_size, random_crop=False):
+        """Yield (indices, uint8 images, labels): RandomResizedCrop(0.08-1) when `random_crop`,
+        else the standard Resize(size * 8/7) + CenterCrop(size)."""
+        T = torchvision.transforms
+        size = self.image_size
+        crop = (T.RandomResizedCrop(size, antialias=True) if random_crop
+                else T.Compose([T.Resize(size * 8 // 7, antialias=True), T.CenterCrop(size)]))
+        transform = T.Compose([T.Lambda(lambda im: im.convert("RGB")), crop, T.PILToTensor()])
+        loader = torch.utils.data.DataLoader(
+            _FolderItems(self.folder, transform), batch_sampler=order.cpu().split(batch_size),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+        for idx, images, labels in loader:
+            yield (idx.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+def make_synthetic(n, num_classes=10, size=32, seed=0):
+    """Clusterable 32x32 RGB images with a known class. Class c draws upright shape c % 10 (triangle,
+    T, L, half-disk, arrow, house, F, mushroom, cup, pin), striped when (c // 10) is odd, in a hue
+    tied to the class, at a random position and scale, on a random plain background, with pixel
+    noise. Every shape has an up direction, so rotation prediction must look at the shape (RotNet
+    learns useful features); the random background dominates pixel distances, so k-means on raw
+    pixels is poor while a small CNN clusters it well. Deterministic for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    cx, cy = (rand(n, 1, 1) - 0.5) * 0.7, (rand(n, 1, 1) - 0.5) * 0.7
+    radius = 0.4 + 0.25 * rand(n, 1, 1)
+    u, v = (x - cx) / radius, (y - cy) / radius  # v grows downwards
+    au, d = u.abs(), (u ** 2 + v ** 2).sqrt()
+    stem = (au < 0.2) & (v > -0.1) & (v < 1)
+    shapes = torch.stack([
+        (au < 0.5 * (v + 1)) & (v < 0.8),                                     # triangle
+        ((v > -1) & (v < -0.55) & (au < 1)) | ((au < 0.25) & (v.abs() < 1)),  # T
+        ((u > -0.9) & (u < -0.45) & (v.abs() < 1)) | ((v > 0.55) & (v < 1) & (au < 0.9)),  # L
+        (d < 1) & (v < 0.2),                                                  # upper half-disk
+        ((au < 0.6 * (v + 1)) & (v < 0.2)) | ((au < 0.22) & (v >= 0.2) & (v < 1)),  # arrow
+        ((au < 0.7) & (v > -0.1) & (v < 0.9)) | ((au < (v + 1) * 0.9) & (v <= -0.1)),  # house
+        ((u > -0.8) & (u < -0.4) & (v.abs() < 1)) | ((v > -1) & (v < -0.6) & (u > -0.8) & (u < 0.8))
+        | ((v.abs() < 0.2) & (u > -0.8) & (u < 0.4)),                         # F
+        ((((u / 1.0) ** 2 + ((v + 0.1) / 0.7) ** 2) < 1) & (v < -0.1)) | stem,  # mushroom
+        ((d > 0.55) & (d < 1) & (v > 0)) | ((au > 0.55) & (au < 1) & (v > -1) & (v <= 0)),  # cup
+        ((u ** 2 + (v + 0.45) ** 2) < 0.3) | stem])                           # pin
+    mask = shapes[labels % 10, torch.arange(n)]
+    striped = ((labels // 10) % 2 == 1)[:, None, None]
+    mask &= ~striped | (torch.sin(v * 9.0) > 0)
+    hue = (labels * 0.618034 + 0.1 * (rand(n) - 0.5)) % 1.0
+    fg = hsv_to_rgb(torch.stack([hue, 0.6 + 0.4 * rand(n), 0.55 + 0.45 * rand(n)], 1))
+    bg = hsv_to_rgb(torch.stack([rand(n), 0.5 * rand(n), 0.25 + 0.6 * rand(n)], 1))
+    image = torch.where(mask[:, None], fg[:, :, None, None], bg[:, :, None, None])
+    image = image + 0.06 * torch.randn(image.shape, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def _decode_torchvision(cls_name, split, root, download):
+    """Decode one split with torchvision into {"images": uint8 (N,C,H,W), "labels": int64 (N,)}."""
+    cls = getattr(torchvision.datasets, cls_name)
+    if cls_name in ("SVHN", "STL10"):
+        ds = cls(root, split=split, download=download)
+        return {"images": torch.from_numpy(ds.data), "labels": torch.from_numpy(ds.labels).long()}
+    ds = cls(root, train=split == "train", download=download)
+    if cls_name in ("MNIST", "FashionMNIST"):
+        return {"images": ds.data.unsqueeze(1), "labels": ds.targets.long()}
+    out = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+           "labels": torch.tensor(ds.targets, dtype=torch.long)}
+    if cls_name == "CIFAR100":  # torchvision drops the 20 super-class labels; the pickle has them
+        with open(os.path.join(root, ds.base_folder, split), "rb") as f:
+            out["coarse_labels"] = torch.tensor(pickle.load(f, encoding="latin1")["coarse_labels"])
+    return out
+
+
+def _load_split(name, split, data_dir, download):
+    """One stored split, from the cache `<name>-<split>.pt` or decoded by torchvision (then cached)."""
+    cls_name, cache_name = DATASETS[name][:2]
+    path = os.path.join(data_dir, f"{cache_name}-{split}.pt")
+    if os.path.exists(path):
+        try:
+            data = torch.load(path, weights_only=True)
+            n = len(data["labels"])
+            assert data["images"].dtype == torch.uint8 and data["images"].dim() == 4
+            assert data["images"].shape[0] == n and data["labels"].dtype == torch.long
+        except Exception as error:
+            raise Abort(f"corrupt dataset cache {path} ({type(error).__name__}: {error}); delete it "
+                        "to rebuild it from torchvision's files")
+        return data
+    try:
+        data = _decode_torchvision(cls_name, split, data_dir, download)
+    except Exception as error:
+        raise Abort(f"{name} ({split} split) not found: looked for {path} and torchvision's "
+                    f"{cls_name} files under {os.path.abspath(data_dir)}, and the download failed "
+                    f"({type(error).__name__}: {str(error)[:200]}). On a machine with internet run "
+                    f"torchvision.datasets.{cls_name}('{data_dir}', download=True), or point "
+                    "--data-dir (or DATA_DIR) at a folder that holds the files")
+    try:
+        atomic_save(data, path)
+    except OSError:
+        pass  # a read-only data folder: keep working from torchvision's files
+    return data
+
+
+def long_tail_indices(labels, num_classes, imbalance, seed=0):
+    """Exponential profile n_c = n_max * imbalance^(-c / (C - 1)) (Cao et al., LDAM), keeping a
+    seeded random subset of each class; the rarest class has n_max / imbalance samples."""
+    g = torch.Generator().manual_seed(seed)
+    n_max = int((labels == 0).sum())
+    keep = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        keep.append(members[:int(n_max * imbalance ** (-c / (num_classes - 1)))])
+    return torch.cat(keep).sort().values
+
+
+def load_dataset(name, split="train", data_dir=None, device="cpu", download=True, imbalance=100.0,
+                 seed=0, image_size=224):
+    """Load a dataset by name. Splits: train, test, all (= train + test, used transductively by
+    LSD-C); STL-10 also has unlabeled and train+unlabeled (label -1 = unknown). Small datasets
+    return a TensorImages on `device`; `imagefolder` returns a FolderImages over `data_dir`
+    (its train/ and val/ or test/ sub-folders when present, else the folder itself)."""
+    if name not in DATASETS:
+        raise Abort(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    splits = SPLITS.get(name, ("train", "test", "all"))
+    if split not in splits:
+        raise Abort(f"{name} has no split {split!r}; choose one of {', '.join(splits)}")
+    data_dir = data_dir or default_data_dir()
+    mean, std = DATASETS[name][3:]
+    if name == "imagefolder":
+        subdirs = {"train": ["train"], "test": ["val", "test"], "all": [""]}[split]
+        roots = [os.path.join(data_dir, s) for s in subdirs if os.path.isdir(os.path.join(data_dir, s))]
+        root = roots[0] if roots else data_dir
+        if not os.path.isdir(root):
+            raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
+                        "a folder of class sub-folders (or one with train/ and val/ inside)")
+        return FolderImages(root, image_size, device)
+    if split == "all" or "+" in split:
+        parts = ("train", "test") if split == "all" else split.split("+")
+        parts = [load_dataset(name, p, data_dir, "cpu", download, imbalance, seed) for p in parts]
+        return TensorImages(name, torch.cat([p.images for p in parts]),
+                            torch.cat([p.labels for p in parts]), parts[0].num_classes,
+                            mean, std).to(device)
+    num_classes = DATASETS[name][2]
+    if name == "synthetic":
+        images, labels = make_synthetic(SYNTHETIC_SIZES[split], seed=seed * 2 + (split == "test"))
+        return TensorImages(name, images, labels, num_classes, mean, std).to(device)
+    data = _load_split(name, split, data_dir, download)
+    images, labels = data["images"], data["labels"]
+    if name == "cifar100-20":
+        if "coarse_labels" not in data:
+            raise Abort(f"{data_dir}/cifar100-{split}.pt has no coarse_labels; delete it to rebuild")
+        labels = data["coarse_labels"].long()
+    if name.endswith("-lt") and split == "train":
+        keep = long_tail_indices(labels, num_classes, imbalance, seed)
+        images, labels = images[keep], labels[keep]
+    return TensorImages(name, images, labels, num_classes, mean, std).to(device)
+
+
+# ================================================================================================
+# Augmentation: batched, on the device, per-sample randomness, no Python loop over samples.
+# Inputs are float (B, C, H, W) in [0, 1] unless said otherwise.
+# ================================================================================================
+def to_float(images):
+    """uint8 (B, C, H, W) -> float in [0, 1]."""
+    return images.float().div_(255)
+
+
+def normalize(x, mean, std):
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def _bernoulli(p, batch_size, device):
+    return torch.rand(batch_size, device=device) < p
+
+
+def random_crop(x, size, padding=0):
+    """Zero-pad by `padding` then crop a random size x size window per sample (any dtype)."""
+    B, C, H, W = x.shape
+    x = F.pad(x, (padding,) * 4)
+    top = torch.randint(0, H + 2 * padding - size + 1, (B, 1, 1), device=x.device)
+    left = torch.randint(0, W + 2 * padding - size + 1, (B, 1, 1), device=x.device)
+    steps = torch.arange(size, device=x.device)
+    rows, cols = top + steps.view(1, -1, 1), left + steps.view(1, 1, -1)
+    batch = torch.arange(B, device=x.device).view(-1, 1, 1)
+    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # channels_last memory
+
+
+def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
+    aspect ratio ~ U(log ratio) (10 tries, else the whole image), then a bilinear resize to
+    `size`. `size` is an int or (height, width); used for multi-crop global and local views."""
+    B, _, H, W = x.shape
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    tries = 10
+    area = H * W * torch.empty(B, tries, device=x.device).uniform_(*scale)
+    log_r = torch.empty(B, tries, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w, h = (area * log_r.exp()).sqrt().round(), (area / log_r.exp()).sqrt().round()
+    ok = (w <= W) & (h <= H) & (w > 0) & (h > 0)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros_like(ok[:, 0], dtype=torch.long))
+    w = torch.where(ok.any(1), w.gather(1, first[:, None])[:, 0], torch.full_like(w[:, 0], W))
+    h = torch.where(ok.any(1), h.gather(1, first[:, None])[:, 0], torch.full_like(h[:, 0], H))
+    left = (torch.rand(B, device=x.device) * (W - w + 1)).floor()
+    top = (torch.rand(B, device=x.device) * (H - h + 1)).floor()
+    # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = w / W, h / H
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, (B, x.shape[1], out_h, out_w), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def horizontal_flip(x, p=0.5):
+    flip = _bernoulli(p, len(x), x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(3), x)
+
+
+def grayscale(x):
+    """ITU-R 601 luma (torchvision's rgb_to_grayscale), kept at 3 channels."""
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return gray.expand_as(x)
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], 1)
+
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(1)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
+         + h.unsqueeze(1) * 6) % 6
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def blend(x, base, factor):
+    """base + factor * (x - base), clipped to [0, 1]: contrast (base = mean gray) and saturation
+    (base = gray image) as torchvision defines them."""
+    return (base + factor * (x - base)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    h, s, v = rgb_to_hsv(x).unbind(1)
+    return hsv_to_rgb(torch.stack([(h + shift) % 1.0, s, v], 1))
+
+
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=1.0):
+    """torchvision's ColorJitter applied with probability p: per-sample factors
+    b, c, s ~ U(1 - a, 1 + a) and hue shift ~ U(-hue, hue), in a random order per batch."""
+    B, device = len(x), x.device
+    factor = lambda a: torch.empty(B, 1, 1, 1, device=device).uniform_(max(0, 1 - a), 1 + a)  # noqa: E731
+    ops = []
+    if brightness:
+        f_b = factor(brightness)
+        ops.append(lambda y: (y * f_b).clamp(0, 1))
+    if contrast:
+        f_c = factor(contrast)
+        ops.append(lambda y: blend(y, grayscale(y).mean((1, 2, 3), keepdim=True), f_c))
+    if saturation:
+        f_s = factor(saturation)
+        ops.append(lambda y: blend(y, grayscale(y), f_s))
+    if hue:
+        shift = torch.empty(B, 1, 1, device=device).uniform_(-hue, hue)
+        ops.append(lambda y: adjust_hue(y, shift))
+    out = x
+    for i in torch.randperm(len(ops)).tolist():
+        out = ops[i](out)
+    apply = _bernoulli(p, B, device).view(-1, 1, 1, 1)
+    return torch.where(apply, out, x)
+
+
+def random_grayscale(x, p=0.2):
+    apply = _bernoulli(p, len(x), x.device).view(-1, 1, 1, 1)
+    return torch.where(apply, grayscale(x), x)
+
+
+def gaussian_blur(x, p=0.5, sigma=(0.1, 2.0), kernel_size=None):
+    """Per-sample sigma ~ U(sigma); separable kernels applied as one grouped convolution."""
+    B, C, H, W = x.shape
+    k = kernel_size or (2 * int(0.05 * H) + 1 if H >= 64 else 3 if H < 48 else 5)
+    s = torch.empty(B, device=x.device).uniform_(*sigma)
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kernel = torch.exp(-t.view(1, -1) ** 2 / (2 * s.view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, k, 1), groups=B * C)
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, k), groups=B * C).view(B, C, H, W)
+    return torch.where(_bernoulli(p, B, x.device).view(-1, 1, 1, 1), y, x)
+
+
+def solarize(x, p=0.2, threshold=0.5):
+    solarized = torch.where(x >= threshold, 1 - x, x)
+    return torch.where(_bernoulli(p, len(x), x.device).view(-1, 1, 1, 1), solarized, x)
+
+
+def rotations(x):
+    """RotNet (Gidaris et al., ICLR 2018): the four rotations 0/90/180/270 degrees of every image,
+    stacked rotation-major, and their labels 0..3."""
+    rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    labels = torch.arange(4, device=x.device).repeat_interleave(len(x))
+    return rotated, labels
+
+
+# Image mixing. Each returns (mixed images, mix) with mix = {"weights": (K,), "perms": (K, B)}:
+# mixed image i is made of images perms[k, i] in proportions weights[k] (summing to 1), so a
+# method mixes any per-sample target t as sum_k weights[k] * t[perms[k]] (`mix_targets`).
+def mix_targets(targets, mix):
+    return sum(w * targets[perm] for w, perm in zip(mix["weights"], mix["perms"]))
+
+
+def mixup(x, alpha=1.0, mix=None):
+    """MixUp (Zhang et al., 2018): x' = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha) per batch.
+    Pass `mix` to mix another view with the same lam and permutation."""
+    if mix is None:
+        lam = float(np.random.beta(alpha, alpha))
+        perm = torch.randperm(len(x), device=x.device)
+        mix = {"weights": torch.tensor([lam, 1 - lam]),
+               "perms": torch.stack([torch.arange(len(x), device=x.device), perm])}
+    w = mix["weights"]
+    return w[0] * x[mix["perms"][0]] + w[1] * x[mix["perms"][1]], mix
+
+
+def cutmix(x, alpha=1.0, mix=None):
+    """CutMix (Yun et al., 2019): paste a box of area fraction 1 - lam, lam ~ Beta(alpha, alpha),
+    from x[perm]; the weights are the exact pixel shares after clipping the box to the image."""
+    B, _, H, W = x.shape
+    if mix is None:
+        lam = np.random.beta(alpha, alpha)
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = np.random.randint(H), np.random.randint(W)
+        box = (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W))
+        share = (box[1] - box[0]) * (box[3] - box[2]) / (H * W)
+        mix = {"weights": torch.tensor([1 - share, share]), "box": box,
+               "perms": torch.stack([torch.arange(B, device=x.device), torch.randperm(B, device=x.device)])}
+    y0, y1, x0, x1 = mix["box"]
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[mix["perms"][1], :, y0:y1, x0:x1]
+    return out, mix
+
+
+def ricap(x, beta=0.3, mix=None, identity_above=None):
+    """RICAP (Takahashi et al., ACML 2018): a boundary point (w, h), w = round(W * Beta(beta, beta)),
+    splits the image into four patches; patch k is a crop, at a random position, of image
+    perms[k, i]; weights[k] = patch area / image area. Patches whose area share exceeds
+    `identity_above` keep the batch order (LSD-C uses 1/4 so a mixed image stays tied to its own
+    clean view). Pass `mix` to mix another view with the same boundary and permutations but new
+    crop positions (as LSD-C does for its two mixed views)."""
+    B, _, H, W = x.shape
+    if mix is None:
+        w, h = int(round(W * np.random.beta(beta, beta))), int(round(H * np.random.beta(beta, beta)))
+        sizes = [(h, w), (h, W - w), (H - h, w), (H - h, W - w)]  # top-left, top-right, bottom-left, bottom-right
+        weights = torch.tensor([ph * pw / (H * W) for ph, pw in sizes])
+        identity = torch.arange(B, device=x.device)
+        perms = torch.stack([identity if identity_above is not None and share > identity_above
+                             else torch.randperm(B, device=x.device) for share in weights.tolist()])
+        mix = {"weights": weights, "perms": perms, "sizes": sizes}
+    patches = []
+    for (ph, pw), perm in zip(mix["sizes"], mix["perms"]):
+        top, left = np.random.randint(0, H - ph + 1), np.random.randint(0, W - pw + 1)
+        patches.append(x[perm, :, top:top + ph, left:left + pw])
+    top_row = torch.cat(patches[:2], 3)
+    bottom_row = torch.cat(patches[2:], 3)
+    return torch.cat([top_row, bottom_row], 2), mix
+
+
+# ================================================================================================
+# Backbones: each returns features (B, feature_dim) and exposes `feature_dim`.
+# ================================================================================================
+class PadShortcut(nn.Module):
+    """Parameter-free shortcut (LSD-C, AutoNovel): 2x2 average pooling when the block downsamples,
+    zero channels appended when it widens."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.extra, self.stride = out_channels - in_channels, stride
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
+def _shortcut(in_channels, out_channels, stride, kind):
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    if kind == "pad":
+        return PadShortcut(in_channels, out_channels, stride)
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels, planes, stride, shortcut):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_channels, planes, stride, shortcut)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride, shortcut):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.shortcut = _shortcut(in_channels, planes * 4, stride, shortcut)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images: 3x3 stride-1 stem, no max-pool, global average pooling.
+    `shortcut`: "conv" (1x1 conv + BN, as CLD/SCAN) or "pad" (parameter-free, as LSD-C).
+    `width` is the stem width (64 in every paper; smaller only for quick CPU runs)."""
+
+    def __init__(self, block, layers, in_channels=3, shortcut="conv", width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        channels = width
+        for i, (n, stride) in enumerate(zip(layers, (1, 2, 2, 2))):
+            planes, blocks = width * 2 ** i, []
+            for s in [stride] + [1] * (n - 1):
+                blocks.append(block(channels, planes, s, shortcut))
+                channels = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.feature_dim = channels
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class ConvNet(nn.Module):
+    """`features` (convolutions) -> flatten -> `classifier` (fully connected, last layer without
+    ReLU, as DeepCluster clusters the pre-activation fc features)."""
+
+    def __init__(self, features, classifier, feature_dim):
+        super().__init__()
+        self.features, self.classifier, self.feature_dim = features, classifier, feature_dim
+        for m in self.modules():  # DeepCluster's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def _conv_stack(in_channels, spec):
+    """spec: ints (out channels of a conv k3 p1, or (out, kernel, stride, padding)) and "M<k>,<s>" pools."""
+    layers = []
+    for item in spec:
+        if isinstance(item, str):
+            k, s = map(int, item[1:].split(","))
+            layers.append(nn.MaxPool2d(k, s))
+            continue
+        out, kernel, stride, padding = item if isinstance(item, tuple) else (item, 3, 1, 1)
+        layers += [nn.Conv2d(in_channels, out, kernel, stride, padding), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        in_channels = out
+    return nn.Sequential(*layers)
+
+
+def alexnet(in_channels=3):
+    """AlexNet with BatchNorm as in DeepCluster (224 px): 5 convs (96, 256, 384, 384, 256),
+    fc6/fc7 of 4096; returns fc7 before its ReLU."""
+    features = _conv_stack(in_channels, [(96, 11, 4, 2), "M3,2", (256, 5, 1, 2), "M3,2", 384, 384, 256, "M3,2"])
+    classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+                               nn.Dropout(0.5), nn.Linear(4096, 4096))
+    return ConvNet(features, classifier, 4096)
+
+
+def alexnet_small(in_channels=3):
+    """The Deep Dive's small AlexNet for 32x32 images: five BN convs of 48, 126, 192, 192, 128
+    filters (paper), laid out as the author's AlexNet_Micro (3x3 kernels, pools after conv 1, 2
+    and 5); fc of 2048 twice. Returns the last fc before its ReLU."""
+    features = _conv_stack(in_channels, [(48, 3, 1, 2), "M2,2", (126, 3, 1, 2), "M2,2", 192, 192, 128, "M3,2"])
+    classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(128 * 4 * 4, 2048), nn.ReLU(inplace=True),
+                               nn.Dropout(0.5), nn.Linear(2048, 2048))
+    return ConvNet(features, classifier, 2048)
+
+
+def lenet5(in_channels=1):
+    """LeNet-5 with BatchNorm for 28x28 images (first conv padded by 2, as LeNet on 32x32);
+    fc 120 -> 84, returns fc 84 before its ReLU."""
+    features = _conv_stack(in_channels, [(6, 5, 1, 2), "M2,2", (16, 5, 1, 0), "M2,2"])
+    classifier = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Linear(120, 84))
+    return ConvNet(features, classifier, 84)
+
+
+class MLP(nn.Module):
+    """Fully connected backbone for vector data (DEC's encoder widths d-500-500-2000, with BN)."""
+
+    def __init__(self, in_dim, hidden=(500, 500, 2000)):
+        super().__init__()
+        layers = []
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            in_dim = h
+        self.net, self.feature_dim = nn.Sequential(*layers), in_dim
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+def _vit(image_size, patch_size):
+    model = torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=12,
+                                                 num_heads=6, hidden_dim=384, mlp_dim=1536)
+    model.heads, model.feature_dim = nn.Identity(), 384  # returns the class token
+    return model
+
+
+def _torchvision_resnet50():
+    model = torchvision.models.resnet50()
+    model.fc, model.feature_dim = nn.Identity(), 2048
+    return model
+
+
+BACKBONES = {
+    "resnet18": lambda c, s, w: CifarResNet(BasicBlock, [2, 2, 2, 2], c, s, w),
+    "resnet34": lambda c, s, w: CifarResNet(BasicBlock, [3, 4, 6, 3], c, s, w),
+    "resnet50": lambda c, s, w: CifarResNet(Bottleneck, [3, 4, 6, 3], c, s, w),
+    "resnet50-imagenet": lambda c, s, w: _torchvision_resnet50(),
+    "alexnet": lambda c, s, w: alexnet(c),
+    "alexnet-small": lambda c, s, w: alexnet_small(c),
+    "lenet5": lambda c, s, w: lenet5(c),
+    "vit-s16": lambda c, s, w: _vit(224, 16),
+    "vit-s4-32": lambda c, s, w: _vit(32, 4),
+}
+
+
+def build_backbone(name, in_channels=3, shortcut="conv", width=64):
+    """A backbone by name (see BACKBONES; `mlp` is built directly with MLP(in_dim))."""
+    if name not in BACKBONES:
+        raise Abort(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name](in_channels, shortcut, width)
+
+
+# ================================================================================================
+# Evaluation
+# ================================================================================================
+def _as_numpy(a):
+    return a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
+
+
+def confusion_matrix(pred, labels, num_clusters=None, num_classes=None):
+    """counts[k, c] = #samples in cluster k with class c, built with one bincount."""
+    pred, labels = _as_numpy(pred).astype(np.int64), _as_numpy(labels).astype(np.int64)
+    K = num_clusters or int(pred.max()) + 1
+    C = num_classes or int(labels.max()) + 1
+    return np.bincount(pred * C + labels, minlength=K * C).reshape(K, C)
+
+
+def cluster_to_class(counts):
+    """Map clusters to classes from a confusion matrix: the Hungarian one-to-one assignment that
+    maximises matched samples when clusters <= classes, else each cluster's majority class.
+    Returns an array of length K (class per cluster, -1 for an unmatched cluster)."""
+    K, C = counts.shape
+    if K > C:
+        return counts.argmax(1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    mapping = np.full(K, -1)
+    mapping[rows] = cols
+    return mapping
+
+
+def nmi(a, b):
+    """Normalised mutual information with the arithmetic mean of the entropies (sklearn's default)."""
+    counts = confusion_matrix(np.unique(_as_numpy(a), return_inverse=True)[1],
+                              np.unique(_as_numpy(b), return_inverse=True)[1]).astype(np.float64)
+    p = counts / counts.sum()
+    pa, pb = p.sum(1), p.sum(0)
+    if len(pa) == len(pb) == 1:
+        return 1.0
+    nz = p > 0
+    mi = (p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()
+    entropy = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()  # noqa: E731
+    return float(max(mi, 0.0) / max((entropy(pa) + entropy(pb)) / 2, np.finfo(float).eps))
+
+
+def ari(a, b):
+    """Adjusted Rand index (Hubert and Arabie, 1985) from the contingency table."""
+    counts = confusion_matrix(np.unique(_as_numpy(a), return_inverse=True)[1],
+                              np.unique(_as_numpy(b), return_inverse=True)[1]).astype(np.float64)
+    pairs = lambda n: (n * (n - 1) / 2).sum()  # noqa: E731
+    index, pairs_a, pairs_b = pairs(counts), pairs(counts.sum(1)), pairs(counts.sum(0))
+    expected = pairs_a * pairs_b / pairs(np.array([counts.sum()]))
+    maximum = (pairs_a + pairs_b) / 2
+    return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
+
+
+def clustering_metrics(pred, labels, num_clusters=None):
+    """ACC (Hungarian, or majority vote with more clusters than classes), NMI and ARI, computed on
+    the samples with a known label (label >= 0), plus the confusion matrix."""
+    pred, labels = _as_numpy(pred), _as_numpy(labels)
+    known = labels >= 0
+    pred, labels = pred[known], labels[known]
+    counts = confusion_matrix(pred, labels, num_clusters)
+    mapping = cluster_to_class(counts)
+    acc = counts[np.arange(len(mapping)), mapping][mapping >= 0].sum() / max(len(labels), 1)
+    return {"acc": float(acc), "nmi": nmi(pred, labels), "ari": ari(pred, labels), "confusion": counts}
+
+
+def confident_accuracy(probs, labels, threshold=0.9):
+    """LSD-C's confident samples (supplementary Fig. 1b): accuracy, under the mapping found on all
+    samples, of those whose top probability exceeds `threshold`, and their share."""
+    probs, labels = _as_numpy(probs), _as_numpy(labels)
+    known = labels >= 0
+    probs, labels = probs[known], labels[known]
+    pred = probs.argmax(1)
+    mapping = cluster_to_class(confusion_matrix(pred, labels, probs.shape[1]))
+    confident = probs.max(1) > threshold
+    if not confident.any():
+        return 0.0, 0.0
+    return float((mapping[pred[confident]] == labels[confident]).mean()), float(confident.mean())
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, query_features, num_classes, k=200, temperature=0.1,
+                chunk_elements=2 ** 26):
+    """Weighted kNN (Wu et al. NPID; DINO): cosine similarity to the train set, top-k neighbours,
+    each voting for its class with weight exp(sim / T). Queries are processed in chunks so the
+    similarity block stays under `chunk_elements` (1.28M x 2048 banks fit)."""
+    bank = F.normalize(train_features, dim=1)
+    queries = F.normalize(query_features.to(bank.dtype), dim=1)
+    k = min(k, len(bank))
+    chunk = max(1, chunk_elements // len(bank))
+    predictions = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[idx], (sim.float() / temperature).exp())
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions)
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=100,
+                 lr=0.1, weight_decay=0.0, batch_size=1024):
+    """Logistic regression on frozen features, trained on their device: features standardised with
+    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns test accuracy."""
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
+    head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(x_train) / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x_train), device=x_train.device).split(batch_size):
+                loss = F.cross_entropy(head(x_train[idx]), train_labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    with torch.no_grad():
+        return (head(x_test).argmax(1) == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def extract_features(model, data, transform, batch_size=1024, amp=True):
+    """Run `model` in eval mode over the whole dataset in order (`transform` maps a uint8 batch to
+    the network's input); returns float32 features (N, D) and labels, on the data's device."""
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    device = data.labels.device
+    for _, images, y in data.batches(torch.arange(len(data)), batch_size):
+        with autocast(device, amp):
+            features.append(model(transform(images)).float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+# ================================================================================================
+# Run plumbing: seeding, devices, run directory, logging, checkpoints, divergence guard
+# ================================================================================================
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def setup_device(name=None, channels_last=True):
+    """`cuda` when available (the process's LOCAL_RANK GPU under torchrun), else `cpu`. On CUDA:
+    cudnn.benchmark and TF32 matmuls."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise Abort("--device cuda was asked for but no GPU is visible; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(name)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA when enabled; a no-op on the CPU (fp32 there, for exact resumes)."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def format_seconds(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class Run:
+    """A run directory: args.json, metrics.jsonl (one line per epoch), checkpoint.pt, final.json.
+    New runs go to runs/<method>__<dataset>__<seed>__<time>/ (or `out_dir`, which must not hold a
+    run already); `resume` reopens a directory, drops metric lines past its checkpoint and returns
+    its checkpoint from `load_checkpoint`. Only rank 0 writes."""
+
+    def __init__(self, method, args, out_dir=None, resume=None):
+        self.main = rank() == 0
+        if resume:
+            self.path = resume
+            if not os.path.isfile(os.path.join(resume, "checkpoint.pt")):
+                raise Abort(f"--resume {resume}: no checkpoint.pt there")
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.path = out_dir or os.path.join("runs", f"{method}__{args.dataset}__{args.seed}__{stamp}")
+            if os.path.exists(os.path.join(self.path, "checkpoint.pt")):
+                raise Abort(f"{self.path} already holds a run; continue it with --resume {self.path} "
+                            "or choose another --out-dir")
+            if self.main:
+                os.makedirs(self.path, exist_ok=True)
+                with open(os.path.join(self.path, "args.json"), "w") as f:
+                    json.dump(vars(args), f, indent=2)
+        self.start, self.writer = time.time(), None
+        self.start_stage("train", 1)
+        if self.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(self.path)
+            except ImportError:
+                pass
+
+    @staticmethod
+    def saved_args(path):
+        """The arguments a run was started with (to resume it with the same settings)."""
+        try:
+            with open(os.path.join(path, "args.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            raise Abort(f"--resume {path}: cannot read args.json ({error})")
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def load_checkpoint(self, map_location="cpu"):
+        path = self.file("checkpoint.pt")
+        if not os.path.isfile(path):
+            return None
+        state = torch.load(path, map_location=map_location, weights_only=False)
+        if self.main and os.path.exists(self.file("metrics.jsonl")):
+            with open(self.file("metrics.jsonl")) as f:
+                lines = f.readlines()
+            # keep everything up to the checkpoint's own line (stage and epoch)
+            ends = [i for i, line in enumerate(lines) if (json.loads(line)["stage"], json.loads(line)["epoch"])
+                    == (state.get("stage"), state["epoch"])]
+            lines = lines[:ends[-1] + 1] if ends else lines
+            with open(self.file("metrics.jsonl"), "w") as f:
+                f.writelines(lines)
+        return state
+
+    def save_checkpoint(self, state):
+        if self.main:
+            atomic_save({**state, "rng": rng_state()}, self.file("checkpoint.pt"))
+
+    def start_stage(self, name, epochs, first_epoch=0):
+        """Begin a training stage (its name tags the log lines; its ETA counts from now)."""
+        self.stage, self.epochs, self.first_epoch, self.stage_start = name, epochs, first_epoch, time.time()
+
+    def log(self, epoch, metrics, images, seconds):
+        """Print one line and append it to metrics.jsonl; `images` were trained on in `seconds`."""
+        if not self.main:
+            return
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics["images_per_s"] = images / max(seconds, 1e-9)
+        elapsed = time.time() - self.stage_start
+        eta = elapsed / (epoch + 1 - self.first_epoch) * (self.epochs - epoch - 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "images_per_s")
+        print(f"{self.stage} epoch {epoch + 1}/{self.epochs} | {shown} | {metrics['images_per_s']:,.0f} img/s | "
+              f"elapsed {format_seconds(time.time() - self.start)} | eta {format_seconds(eta)}", flush=True)
+        with open(self.file("metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"stage": self.stage, "epoch": epoch, **metrics}) + "\n")
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"{self.stage}/{k}", v, epoch)
+
+    def finish(self, metrics):
+        if self.main:
+            with open(self.file("final.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            if self.writer:
+                self.writer.close()
+
+
+class Meter:
+    """Sums per-step values on the device (no host sync in the loop); `averages()` syncs once per
+    epoch and stops the run if any is NaN or inf, before a checkpoint could save bad weights."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, **values):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.count += 1
+
+    def averages(self, epoch=None, run=None):
+        if not self.sums:
+            return {}
+        totals = all_reduce_mean(torch.stack(list(self.sums.values())) / max(self.count, 1))
+        values = dict(zip(self.sums, totals.tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            where = f" at epoch {epoch + 1}" if epoch is not None else ""
+            kept = f"; the last good checkpoint is kept in {run.path}" if run else ""
+            raise Abort(f"{bad[0]} became {values[bad[0]]}{where}: training diverged{kept}. "
+                        "Lower --lr (or try --no-amp) and start again or --resume", exit_code=1)
+        return values
+
+
+# ================================================================================================
+# Distributed (torchrun): every helper is a no-op in a single process
+# ================================================================================================
+def init_distributed(device):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_mean(tensor):
+    return all_reduce_sum(tensor) / world_size()
+
+
+def all_gather_cat(tensor):
+    """Concatenate along dim 0 the (equally shaped) tensors of all ranks, in rank order."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def epoch_order(n, seed, epoch, device):
+    """The epoch's shuffled index order: a function of (seed, epoch) only, so it is the same on
+    every rank and after a resume, whatever else consumed random numbers."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def shard_batches(order, batch_size):
+    """Split an epoch's index order (the same on every rank) into global batches of
+    batch_size * world_size and return this rank's batch_size slice of each, dropping the last
+    incomplete global batch. `batch_size` is per device."""
+    world = world_size()
+    n_batches = len(order) // (batch_size * world)
+    return order[:n_batches * batch_size * world].view(n_batches, world, batch_size)[:, rank()]
+
+
+def wrap_ddp(model, device):
+    if not dist.is_initialized():
+        return model
+    ids = [device.index] if torch.device(device).type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -1,0 +1,566 @@
+"""Unit tests of common.py: metrics, kNN / linear probe, augmentations, backbones, data, plumbing."""
+import itertools
+import math
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import common
+
+
+# ------------------------------------------------------------------------------------------------
+# Clustering metrics
+# ------------------------------------------------------------------------------------------------
+def brute_force_accuracy(pred, labels, k):
+    """Best accuracy over every one-to-one relabelling of the k clusters."""
+    best = 0
+    for perm in itertools.permutations(range(k)):
+        best = max(best, np.mean(np.array(perm)[pred] == labels))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hungarian_accuracy_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    k = 5
+    labels = rng.integers(0, k, 200)
+    pred = np.where(rng.random(200) < 0.5, (labels + rng.integers(0, k)) % k, rng.integers(0, k, 200))
+    acc = common.clustering_metrics(pred, labels)["acc"]
+    assert acc == pytest.approx(brute_force_accuracy(pred, labels, k))
+
+
+def test_hungarian_accuracy_is_one_for_a_relabelling():
+    labels = np.repeat(np.arange(4), 10)
+    pred = np.array([2, 0, 3, 1])[labels]
+    m = common.clustering_metrics(pred, labels)
+    assert m["acc"] == 1.0 and m["nmi"] == pytest.approx(1.0) and m["ari"] == pytest.approx(1.0)
+
+
+def test_majority_mapping_with_more_clusters_than_classes():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    pred = np.array([0, 0, 1, 2, 2, 3, 3, 3])  # cluster 3 holds 0, 1, 1 -> class 1
+    # clusters 0 and 1 -> class 0 (3 correct), 2 -> class 1 (2), 3 -> class 1 (2): 7 of 8
+    assert common.clustering_metrics(pred, labels)["acc"] == pytest.approx(7 / 8)
+    assert list(common.cluster_to_class(common.confusion_matrix(pred, labels))) == [0, 0, 1, 1]
+
+
+def test_confusion_matrix_counts():
+    counts = common.confusion_matrix(np.array([0, 1, 1, 2]), np.array([1, 1, 0, 0]), 3, 2)
+    assert counts.tolist() == [[0, 1], [1, 1], [1, 0]]
+
+
+def test_nmi_and_ari_hand_computed():
+    # a = [0,0,1,1], b = [0,0,0,1]. MI = 1/2 log 4/3 + 1/4 log 2/3 + 1/4 log 2 (natural log)
+    a, b = [0, 0, 1, 1], [0, 0, 0, 1]
+    mi = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    h_a, h_b = math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert common.nmi(a, b) == pytest.approx(mi / ((h_a + h_b) / 2))
+    # pairs: index = C(2,2) = 1; a-pairs = 2; b-pairs = C(3,2) = 3; total = 6
+    expected, maximum = 2 * 3 / 6, (2 + 3) / 2
+    assert common.ari(a, b) == pytest.approx((1 - expected) / (maximum - expected))
+
+
+def test_nmi_ari_invariances():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 500), rng.integers(0, 7, 500)
+    relabel = np.array([4, 2, 0, 1, 3])
+    assert common.nmi(relabel[a], b) == pytest.approx(common.nmi(a, b))
+    assert common.ari(relabel[a], b) == pytest.approx(common.ari(a, b))
+    assert common.nmi(a, b) == pytest.approx(common.nmi(b, a))
+    # independent labelings of a large sample: both near 0
+    x, y = rng.integers(0, 10, 20000), rng.integers(0, 10, 20000)
+    assert common.nmi(x, y) < 0.01 and abs(common.ari(x, y)) < 0.01
+    # a single cluster against itself: perfect by convention (as scikit-learn)
+    assert common.nmi([1, 1, 1], [0, 0, 0]) == 1.0 and common.ari([1, 1, 1], [0, 0, 0]) == 1.0
+
+
+def test_metrics_ignore_unknown_labels():
+    m = common.clustering_metrics(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, -1]))
+    assert m["acc"] == 1.0 and m["confusion"].sum() == 4
+
+
+def test_confident_accuracy():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.1, 0.9], [0.02, 0.98]])
+    # mapping from all samples is identity; confident: samples 0 and 3 (> 0.9), both right
+    assert common.confident_accuracy(probs, labels, 0.9) == (1.0, 0.5)
+    probs_wrong = probs[:, ::-1].copy()  # every prediction swapped: mapping swaps too
+    assert common.confident_accuracy(probs_wrong, labels, 0.9) == (1.0, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# kNN and linear probe
+# ------------------------------------------------------------------------------------------------
+def blobs(n, dim, classes, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    labels = torch.arange(n) % classes
+    return centres[labels] + spread * torch.randn(n, dim, generator=g), labels
+
+
+def test_knn_on_separable_data():
+    train_x, train_y = blobs(600, 16, 5, 0.5, 0)
+    test_x, test_y = blobs(200, 16, 5, 0.5, 0)
+    pred = common.knn_predict(train_x, train_y, test_x + 0.1, 5, k=20, temperature=0.1, chunk_elements=600 * 7)
+    assert (pred == test_y).float().mean() > 0.98
+    # with labels shuffled the classifier is at chance: it does use the labels
+    shuffled = train_y[torch.randperm(600)]
+    assert (common.knn_predict(train_x, shuffled, test_x, 5, k=20) == test_y).float().mean() < 0.4
+
+
+def test_knn_weighting_prefers_closer_neighbours():
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.05]])
+    # two votes for class 1 but class 0 is much closer: exp weighting at T = 0.01 picks class 0
+    assert common.knn_predict(bank, labels, query, 2, k=3, temperature=0.01).item() == 0
+    assert common.knn_predict(bank, labels, query, 2, k=3, temperature=100.0).item() == 1
+
+
+def test_linear_probe_on_separable_data():
+    train_x, train_y = blobs(1000, 32, 4, 1.0, 1)
+    test_x, test_y = blobs(400, 32, 4, 1.0, 1)
+    assert common.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=20) > 0.97
+    # labels unrelated to the features: chance level
+    assert common.linear_probe(train_x, train_y[torch.randperm(1000)], test_x, test_y, 4, epochs=20) < 0.5
+
+
+def test_extract_features_order_and_mode():
+    data = common.load_dataset("synthetic", "test")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4), torch.nn.BatchNorm1d(4))
+    model.train()
+    feats, labels = common.extract_features(model, data, common.to_float, batch_size=64)
+    assert feats.shape == (len(data), 4) and torch.equal(labels, data.labels)
+    model.eval()
+    assert torch.allclose(feats, model(common.to_float(data.images)), atol=1e-5)
+    model.train()
+    common.extract_features(model, data, common.to_float, batch_size=64)
+    assert model.training  # mode restored
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentations
+# ------------------------------------------------------------------------------------------------
+def batch(n=64, size=32, seed=0):
+    torch.manual_seed(seed)
+    return torch.rand(n, 3, size, size)
+
+
+AUGMENTATIONS = {
+    "random_crop": lambda x: common.random_crop(x, 32, 4),
+    "random_resized_crop": lambda x: common.random_resized_crop(x, 32),
+    "horizontal_flip": lambda x: common.horizontal_flip(x),
+    "color_jitter": lambda x: common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8),
+    "random_grayscale": lambda x: common.random_grayscale(x, 0.5),
+    "gaussian_blur": lambda x: common.gaussian_blur(x, 0.5),
+    "solarize": lambda x: common.solarize(x, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS)
+def test_augmentation_shape_range_determinism_and_independence(name):
+    fn = AUGMENTATIONS[name]
+    x = batch()
+    torch.manual_seed(1)
+    y = fn(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert y.min() >= 0 and y.max() <= 1
+    torch.manual_seed(1)
+    assert torch.equal(fn(x), y)  # same seed, same output
+    torch.manual_seed(2)
+    assert not torch.equal(fn(x), y)
+    # per-sample randomness: 64 copies of one image do not all get the same treatment
+    same = x[:1].expand(64, -1, -1, -1).contiguous()
+    out = fn(same)
+    assert (out - out[:1]).abs().flatten(1).amax(1).gt(1e-6).any()
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    out = common.random_crop(x, 6, padding=2)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, t:t + 6, l:l + 6] for t in range(5) for l in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert common.random_crop(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), 8, 2).dtype == torch.uint8
+
+
+def test_random_resized_crop_full_scale_is_identity():
+    x = batch(8)
+    out = common.random_resized_crop(x, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(out, x, atol=1e-5)
+    assert common.random_resized_crop(x, (12, 20), scale=(0.1, 0.3)).shape == (8, 3, 12, 20)
+
+
+def test_flip_flips_or_keeps_each_sample():
+    x = batch(32)
+    out = common.horizontal_flip(x, p=0.5)
+    flipped = torch.tensor([torch.equal(o, xi.flip(2)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert (flipped | kept).all() and flipped.any() and kept.any()
+
+
+def test_hsv_round_trip_and_hue_shift():
+    x = batch(4)
+    assert torch.allclose(common.hsv_to_rgb(common.rgb_to_hsv(x)), x, atol=1e-5)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    green = common.adjust_hue(red, torch.tensor(1 / 3).view(1, 1, 1))
+    assert torch.allclose(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
+
+
+def test_grayscale_and_solarize_values():
+    x = torch.tensor([0.2, 0.6, 0.9]).view(1, 3, 1, 1)
+    gray = common.random_grayscale(x, p=1.0)
+    assert torch.allclose(gray.flatten(), torch.full((3,), 0.299 * 0.2 + 0.587 * 0.6 + 0.114 * 0.9))
+    assert torch.allclose(common.solarize(x, p=1.0).flatten(), torch.tensor([0.2, 0.4, 0.1]))
+
+
+def test_gaussian_blur_preserves_constant_images_and_smooths():
+    const = torch.full((2, 3, 16, 16), 0.3)
+    assert torch.allclose(common.gaussian_blur(const, p=1.0), const, atol=1e-6)
+    x = batch(4, 16)
+    assert common.gaussian_blur(x, p=1.0, sigma=(1.5, 2.0)).std() < x.std() * 0.7
+
+
+def test_rotations_labels_match_rotated_images():
+    x = batch(3)
+    rotated, labels = common.rotations(x)
+    assert rotated.shape == (12, 3, 32, 32) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for img, k in zip(rotated[3:6], labels[3:6]):
+        assert k == 1
+    assert torch.equal(rotated[4], torch.rot90(x[1], 1, dims=(1, 2)))
+    assert torch.equal(rotated[8], x[2].flip(1).flip(2))  # 180 degrees
+
+
+@pytest.mark.parametrize("mixer", ["mixup", "cutmix", "ricap"])
+def test_mixing_weights_sum_to_one_and_match_pixels(mixer):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    # image i is constant i: the mean of a mixed image is then sum_k w_k perm_k(i)
+    n = 16
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    mixed, mix = getattr(common, mixer)(x)
+    assert mixed.shape == x.shape
+    assert float(mix["weights"].sum()) == pytest.approx(1.0)
+    expected = common.mix_targets(torch.arange(n, dtype=torch.float32), mix)
+    assert torch.allclose(mixed.mean((1, 2, 3)), expected, atol=1e-4)
+    # reusing `mix` applies the same weights and permutations to another view
+    again, mix2 = getattr(common, mixer)(x, mix=mix)
+    assert mix2 is mix and torch.allclose(again.mean((1, 2, 3)), expected, atol=1e-4)
+
+
+def test_ricap_identity_for_large_patches():
+    np.random.seed(3)
+    torch.manual_seed(3)
+    x = torch.rand(32, 3, 32, 32)
+    for _ in range(20):
+        _, mix = common.ricap(x, 0.3, identity_above=0.25)
+        for w, perm in zip(mix["weights"], mix["perms"]):
+            if w > 0.25:
+                assert torch.equal(perm, torch.arange(32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbones
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,channels,size,dim", [
+    ("resnet18", 3, 32, 512), ("resnet34", 3, 32, 512), ("resnet50", 3, 32, 2048),
+    ("resnet50-imagenet", 3, 64, 2048), ("alexnet", 2, 224, 4096), ("alexnet-small", 2, 32, 2048),
+    ("lenet5", 1, 28, 84), ("vit-s16", 3, 224, 384), ("vit-s4-32", 3, 32, 384)])
+def test_backbone_output_shapes(name, channels, size, dim):
+    model = common.build_backbone(name, channels).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, dim) == (2, model.feature_dim)
+
+
+def test_pad_shortcut_resnet_is_parameter_free_in_its_shortcuts():
+    pad = common.build_backbone("resnet18", shortcut="pad")
+    conv = common.build_backbone("resnet18", shortcut="conv")
+    n_pad, n_conv = (sum(p.numel() for p in m.parameters()) for m in (pad, conv))
+    # the 1x1 shortcut convs + BN of layers 2-4: (64*128 + 128*256 + 256*512) + 2 * (128+256+512)
+    assert n_conv - n_pad == 64 * 128 + 128 * 256 + 256 * 512 + 2 * (128 + 256 + 512)
+    shortcut = common.PadShortcut(4, 8, 2)
+    x = torch.randn(1, 4, 4, 4)
+    out = shortcut(x)
+    assert out.shape == (1, 8, 2, 2) and torch.equal(out[:, 4:], torch.zeros(1, 4, 2, 2))
+    assert torch.allclose(out[:, :4], F.avg_pool2d(x, 2))
+
+
+def test_mlp_and_width():
+    assert common.MLP(2000)(torch.randn(4, 2000)).shape == (4, 2000)
+    assert common.build_backbone("resnet18", width=8).feature_dim == 64
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def test_synthetic_is_deterministic_and_balanced():
+    a, b = common.load_dataset("synthetic", "train"), common.load_dataset("synthetic", "train")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (2000, 3, 32, 32)
+    assert torch.bincount(a.labels).tolist() == [200] * 10
+    c = common.load_dataset("synthetic", "train", seed=1)
+    assert not torch.equal(a.images, c.images)
+    assert not torch.equal(a.images[:500], common.load_dataset("synthetic", "test").images)
+    assert len(common.load_dataset("synthetic", "all")) == 2500
+
+
+def lloyd(x, k, seed, iters=30):
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:k]]
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        centres = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+    return assign
+
+
+def test_synthetic_is_learnable_but_not_trivial():
+    """Raw-pixel k-means is far from the classes, while a small CNN trained for five epochs on
+    the labels separates them: the clusters are in the images, but not in pixel space."""
+    train, test = common.load_dataset("synthetic", "train"), common.load_dataset("synthetic", "test")
+    pixels = common.to_float(train.images).flatten(1)
+    kmeans_acc = max(common.clustering_metrics(lloyd(pixels, 10, s), train.labels)["acc"] for s in range(3))
+    assert kmeans_acc < 0.35
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(common.build_backbone("resnet18", width=8), torch.nn.Linear(64, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(5):
+        for idx in torch.randperm(len(train)).split(64):
+            loss = F.cross_entropy(net(common.to_float(train.images[idx])), train.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = (net(common.to_float(test.images)).argmax(1) == test.labels).float().mean().item()
+    assert acc > 0.75 and acc > kmeans_acc + 0.4
+
+
+def test_long_tail_profile():
+    labels = torch.arange(5000) % 10
+    keep = common.long_tail_indices(labels, 10, imbalance=100)
+    counts = torch.bincount(labels[keep]).tolist()
+    assert counts[0] == 500 and counts[-1] == 5
+    assert counts == [int(500 * 100 ** (-c / 9)) for c in range(10)]
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(common.Abort, match="unknown dataset 'cifar11'"):
+        common.load_dataset("cifar11")
+    with pytest.raises(common.Abort, match="no split 'unlabeled'"):
+        common.load_dataset("cifar10", "unlabeled")
+
+
+def test_missing_files_offline_say_where_and_how(tmp_path):
+    with pytest.raises(common.Abort) as info:
+        common.load_dataset("cifar10", "train", str(tmp_path), download=False)
+    message = str(info.value)
+    assert "cifar10-train.pt" in message and str(tmp_path) in message and "download=True" in message
+
+
+def test_cache_is_used_and_corrupt_cache_is_reported(tmp_path):
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(20) % 10
+    torch.save({"images": images, "labels": labels}, tmp_path / "cifar10-test.pt")
+    data = common.load_dataset("cifar10", "test", str(tmp_path), download=False)
+    assert torch.equal(data.images, images) and data.num_classes == 10
+    (tmp_path / "cifar10-train.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(common.Abort, match="corrupt dataset cache"):
+        common.load_dataset("cifar10", "train", str(tmp_path))
+
+
+def test_cifar100_20_uses_the_coarse_labels(tmp_path):
+    fine = torch.arange(30) % 100
+    torch.save({"images": torch.zeros(30, 3, 32, 32, dtype=torch.uint8), "labels": fine,
+                "coarse_labels": fine % 20}, tmp_path / "cifar100-test.pt")
+    data = common.load_dataset("cifar100-20", "test", str(tmp_path), download=False)
+    assert data.num_classes == 20 and torch.equal(data.labels, fine % 20)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+    for c in ("cat", "dog"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40 + i, 30), (100 * i, 50, 0)).save(tmp_path / "train" / c / f"{i}.png")
+    data = common.load_dataset("imagefolder", "train", str(tmp_path), image_size=24)
+    data.workers = 0
+    assert len(data) == 6 and data.num_classes == 2
+    seen = []
+    for idx, images, labels in data.batches(torch.tensor([5, 0, 3, 1, 2, 4]), 4, random_crop=True):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 24, 24)
+        assert torch.equal(labels, data.labels[idx])
+        seen += idx.tolist()
+    assert seen == [5, 0, 3, 1, 2, 4]
+
+
+DATA_DIR = os.environ.get("DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA_DIR, reason="DATA_DIR is not set: real datasets are not available")
+
+
+@needs_data
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_real_mnist_family(name, folder, tmp_path):
+    """torchvision reads the raw files of DATA_DIR (copied, as it unpacks them beside themselves),
+    then the decoded cache is written and used."""
+    if not os.path.isdir(os.path.join(DATA_DIR, folder, "raw")):
+        pytest.skip(f"{folder}/raw is not in {DATA_DIR}")
+    shutil.copytree(os.path.join(DATA_DIR, folder, "raw"), tmp_path / folder / "raw")
+    train = common.load_dataset(name, "train", str(tmp_path), download=False)
+    test = common.load_dataset(name, "test", str(tmp_path), download=False)
+    assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
+    assert torch.bincount(train.labels).min() > 5000 and torch.bincount(test.labels).min() > 800
+    mean = common.to_float(train.images[:10000]).mean().item()
+    assert mean == pytest.approx(common.DATASETS[name][3][0], abs=0.01)
+    shutil.rmtree(tmp_path / folder)  # now only the cache remains
+    cached = common.load_dataset(name, "test", str(tmp_path), download=False)
+    assert torch.equal(cached.images, test.images) and torch.equal(cached.labels, test.labels)
+
+
+@needs_data
+def test_real_cifar10_cache():
+    if not os.path.isfile(os.path.join(DATA_DIR, "cifar10-test.pt")):
+        pytest.skip(f"cifar10-test.pt is not in {DATA_DIR}")
+    test = common.load_dataset("cifar10", "test", DATA_DIR, download=False)
+    assert test.images.shape == (10000, 3, 32, 32) and torch.bincount(test.labels).tolist() == [1000] * 10
+    mean = common.to_float(test.images).mean((0, 2, 3))
+    assert torch.allclose(mean, torch.tensor(common.DATASETS["cifar10"][3]), atol=0.01)
+
+
+@needs_data
+def test_real_cifar100_20_test_split():
+    if not os.path.isfile(os.path.join(DATA_DIR, "cifar100-test.pt")):
+        pytest.skip(f"cifar100-test.pt is not in {DATA_DIR}")
+    data = common.load_dataset("cifar100-20", "test", DATA_DIR, download=False)
+    assert data.num_classes == 20 and torch.bincount(data.labels).tolist() == [500] * 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Run plumbing
+# ------------------------------------------------------------------------------------------------
+class Args:
+    dataset, seed = "synthetic", 3
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    run = common.Run("test", Args(), out_dir=str(tmp_path / "run"))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    run.save_checkpoint({"epoch": 4, "stage": "x", "model": model.state_dict(), "optimizer": opt.state_dict()})
+    expected = (torch.rand(3), np.random.rand(2), __import__("random").random())
+    torch.manual_seed(123)
+    np.random.seed(5)
+    resumed = common.Run("test", Args(), resume=run.path)
+    state = resumed.load_checkpoint()
+    common.set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+    assert __import__("random").random() == expected[2]
+    model2 = torch.nn.Linear(4, 2)
+    model2.load_state_dict(state["model"])
+    assert torch.equal(model2.weight, model.weight) and state["epoch"] == 4
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert not [f for f in os.listdir(run.path) if ".tmp" in f]  # atomic write left no temp file
+
+
+def test_new_run_refuses_a_directory_holding_a_run(tmp_path):
+    run = common.Run("test", Args(), out_dir=str(tmp_path / "r"))
+    run.save_checkpoint({"epoch": 0})
+    with pytest.raises(common.Abort, match="already holds a run"):
+        common.Run("test", Args(), out_dir=str(tmp_path / "r"))
+    with pytest.raises(common.Abort, match="no checkpoint.pt"):
+        common.Run("test", Args(), resume=str(tmp_path / "elsewhere"))
+
+
+def test_resume_drops_metric_lines_past_the_checkpoint(tmp_path):
+    run = common.Run("test", Args(), out_dir=str(tmp_path / "r"))
+    run.start_stage("a", 5)
+    for epoch in range(3):
+        run.log(epoch, {"loss": 1.0}, 10, 1.0)
+        if epoch == 1:
+            run.save_checkpoint({"stage": "a", "epoch": epoch})
+    common.Run("test", Args(), resume=run.path).load_checkpoint()
+    with open(os.path.join(run.path, "metrics.jsonl")) as f:
+        assert [line.count('"epoch"') for line in f] == [1, 1]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
+    run = common.Run("test", Args(), out_dir=str(tmp_path / "r"))
+    run.save_checkpoint({"stage": "a", "epoch": 0, "w": torch.ones(2)})
+    before = open(run.file("checkpoint.pt"), "rb").read()
+    meter = common.Meter()
+    meter.add(loss=torch.tensor(1.0))
+    meter.add(loss=torch.tensor(float("nan")))
+    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged") as info:
+        meter.averages(1, run)
+    assert info.value.exit_code == 1 and run.path in str(info.value)
+    assert open(run.file("checkpoint.pt"), "rb").read() == before
+    ok = common.Meter()
+    ok.add(a=torch.tensor(1.0), b=torch.tensor(2.0))
+    ok.add(a=torch.tensor(3.0), b=torch.tensor(2.0))
+    assert ok.averages() == {"a": 2.0, "b": 2.0}
+
+
+def test_run_main_turns_abort_into_one_line_and_exit_code(capsys):
+    def failing():
+        raise common.Abort("something is wrong; do this", exit_code=2)
+    with pytest.raises(SystemExit) as info:
+        common.run_main(failing)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: something is wrong; do this" in err
+
+
+def test_epoch_order_and_sharding_single_process():
+    order = common.epoch_order(10, seed=1, epoch=2, device="cpu")
+    assert sorted(order.tolist()) == list(range(10))
+    assert torch.equal(order, common.epoch_order(10, 1, 2, "cpu"))
+    assert not torch.equal(order, common.epoch_order(10, 1, 3, "cpu"))
+    shards = common.shard_batches(order, 4)
+    assert shards.shape == (2, 4) and torch.equal(shards.flatten(), order[:8])
+    x = torch.ones(3)
+    assert common.all_reduce_sum(x) is x and common.all_gather_cat(x) is x
+
+
+def _distributed_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    common.init_distributed("cpu")
+    total = common.all_reduce_sum(torch.tensor([float(rank + 1)]))
+    gathered = common.all_gather_cat(torch.full((2,), float(rank)))
+    order = common.epoch_order(20, seed=0, epoch=0, device="cpu")
+    shard = common.shard_batches(order, 3)
+    queue.put((common.rank(), common.world_size(), total.item(), gathered.tolist(), shard.flatten().tolist(),
+               order.tolist()))
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_helpers_with_two_gloo_processes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_distributed_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (r0, w0, t0, g0, s0, o0), (r1, w1, t1, g1, s1, o1) = results
+    assert (r0, r1, w0, w1) == (0, 1, 2, 2)
+    assert t0 == t1 == 3.0 and g0 == g1 == [0.0, 0.0, 1.0, 1.0]
+    assert o0 == o1  # the same epoch order on both ranks
+    # 20 samples, 3 per rank: 3 global batches of 6; the shards are disjoint and cover them
+    assert len(s0) == len(s1) == 9 and not set(s0) & set(s1) and sorted(s0 + s1) == sorted(o0[:18])

@@ -1,0 +1,331 @@
+"""Tests of lsdc.py: pairwise labels, target mixing, loss, ramp-up, and end-to-end runs on synthetic data."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import lsdc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "lsdc.py")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pairwise labels against their definitions
+# ------------------------------------------------------------------------------------------------
+def test_knn_labels_row_or_column_rule():
+    # 1-D points 0, 1, 3, 7, 8 and k = 3: each row keeps the distances strictly below its 3rd smallest
+    # (self, then the nearest neighbour); point 2's nearest neighbour is 1, so (1, 2) is linked through
+    # the column rule although 2 is not among the two closest of 1.
+    z = torch.tensor([[0.0], [1.0], [3.0], [7.0], [8.0]])
+    expected = torch.tensor([[1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0],
+                             [0, 1, 1, 0, 0],
+                             [0, 0, 0, 1, 1],
+                             [0, 0, 0, 1, 1]], dtype=torch.float32)
+    assert torch.equal(lsdc.knn_labels(z, 3), expected)
+
+
+def test_knn_labels_against_a_loop_on_random_features():
+    torch.manual_seed(0)
+    z = torch.randn(40, 8)
+    k = 6
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    s = torch.zeros(40, 40)
+    for i in range(40):
+        for j in range(40):
+            row_kth = sorted(d[i].tolist())[k - 1]
+            col_kth = sorted(d[:, j].tolist())[k - 1]
+            s[i, j] = float(d[i, j] < row_kth or d[i, j] < col_kth)
+    assert torch.equal(lsdc.knn_labels(z, k), s)
+    assert torch.equal(s, s.T) and s.diagonal().eq(1).all()
+
+
+def test_cosine_labels():
+    z = torch.tensor([[1.0, 0.0], [0.95, math.sqrt(1 - 0.95 ** 2)], [0.0, 1.0], [-1.0, 0.0]])
+    expected = torch.eye(4)
+    expected[0, 1] = expected[1, 0] = 1
+    assert torch.equal(lsdc.cosine_labels(z, 0.9), expected)
+    assert torch.equal(lsdc.cosine_labels(z * torch.tensor([[2.0], [0.5], [3.0], [7.0]]), 0.9), expected)
+    assert lsdc.cosine_labels(z, 0.96)[0, 1] == 0
+
+
+def test_sne_labels_against_definition():
+    torch.manual_seed(1)
+    z = torch.randn(12, 5)
+    tau, temperature = 0.05, 0.7
+    a = np.zeros((12, 12))
+    for i in range(12):
+        for j in range(12):
+            a[i, j] = -(((z[i] - z[j]) / temperature) ** 2).sum().item()
+    e = np.exp(a) * (1 - np.eye(12))  # the diagonal is masked out of both softmaxes
+    p = 0.5 * e / e.sum(1, keepdims=True) + 0.5 * e / e.sum(0, keepdims=True) + np.eye(12)
+    expected = torch.tensor(p > tau, dtype=torch.float32)
+    assert torch.equal(lsdc.sne_labels(z, tau, temperature), expected)
+    assert 12 < expected.sum() < 144  # neither trivial nor all linked
+
+
+def test_sne_labels_find_two_separated_groups():
+    z = torch.cat([torch.randn(5, 3) * 0.1, torch.randn(5, 3) * 0.1 + 5])
+    s = lsdc.sne_labels(z, 0.01, 1.0)
+    block = torch.block_diag(torch.ones(5, 5), torch.ones(5, 5))
+    assert torch.equal(s, block)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed targets: the permutation acts on the mixed view's axis
+# ------------------------------------------------------------------------------------------------
+def test_mixed_pair_targets_against_a_loop():
+    torch.manual_seed(2)
+    s = (torch.rand(8, 8) > 0.5).float()
+    mix = {"weights": torch.tensor([0.5, 0.3, 0.2]), "perms": torch.stack([torch.randperm(8) for _ in range(3)])}
+    out = lsdc.mixed_pair_targets(s, mix)
+    for i in range(8):
+        for j in range(8):
+            expected = sum(w * s[i, perm[j]] for w, perm in zip(mix["weights"].tolist(), mix["perms"]))
+            assert out[i, j].item() == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("mixer", ["ricap", "mixup"])
+def test_mixed_targets_match_the_content_of_the_mixed_images(mixer):
+    """Image i is a constant one-hot of its class: the channel means of mixed image j are then the
+    class proportions it really contains, so the true soft target between clean i and mixed j is
+    <onehot(y_i), mean(mixed_j)>. mixed_pair_targets must reproduce it from the mixing parameters."""
+    torch.manual_seed(3)
+    np.random.seed(3)
+    classes, n = 4, 16
+    y = torch.randint(0, classes, (n,))
+    onehot = torch.eye(classes)[y]
+    x = onehot.view(n, classes, 1, 1).expand(n, classes, 32, 32).contiguous()
+    s = (y[:, None] == y[None]).float()
+    for _ in range(5):
+        if mixer == "ricap":
+            mixed, mix = common.ricap(x, 0.3, identity_above=0.25)
+        else:
+            mixed, mix = common.mixup(x, 0.3)
+        content = mixed.mean((2, 3))  # (n, classes) proportions inside each mixed image
+        assert torch.allclose(lsdc.mixed_pair_targets(s, mix), onehot @ content.T, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss and ramp-up
+# ------------------------------------------------------------------------------------------------
+def test_loss_against_a_per_pair_formula():
+    torch.manual_seed(4)
+    b, k = 6, 4
+    l1, l2, l3 = torch.randn(b, k), torch.randn(b, k), torch.randn(b, k)
+    targets = torch.rand(b, b)
+    loss, bce, mse = lsdc.lsdc_loss(l1, l2, l3, targets, mse_weight=2.5)
+    p, q, r = l1.softmax(1), l2.softmax(1), l3.softmax(1)
+    total = 0.0
+    for i in range(b):
+        for j in range(b):
+            pij = sum(p[i, c].item() * q[j, c].item() for c in range(k))
+            t = targets[i, j].item()
+            total += -(t * math.log(pij + 1e-7) + (1 - t) * math.log(1 - pij + 1e-7))
+    expected_bce = total / b ** 2
+    expected_mse = ((q - r) ** 2).sum().item() / (b * k)
+    assert bce.item() == pytest.approx(expected_bce, rel=1e-5)
+    assert mse.item() == pytest.approx(expected_mse, rel=1e-5)
+    assert loss.item() == pytest.approx(expected_bce + 2.5 * expected_mse, rel=1e-5)
+
+
+def test_loss_gradient_reaches_both_clean_and_mixed_logits():
+    l1, l2, l3 = (torch.randn(4, 3, requires_grad=True) for _ in range(3))
+    loss, _, _ = lsdc.lsdc_loss(l1, l2, l3, torch.eye(4), 1.0)
+    loss.backward()
+    assert all(t.grad.abs().sum() > 0 for t in (l1, l2, l3))
+
+
+def test_rampup_curve():
+    lam, T = 5.0, 100
+    assert lsdc.rampup(0, lam, T) == pytest.approx(lam * math.exp(-5))
+    assert lsdc.rampup(50, lam, T) == pytest.approx(lam * math.exp(-5 * 0.25))
+    assert lsdc.rampup(100, lam, T) == lam and lsdc.rampup(150, lam, T) == lam
+    values = [lsdc.rampup(t, lam, T) for t in range(0, 120, 10)]
+    assert values == sorted(values)
+    assert lsdc.rampup(3, lam, 0) == lam
+
+
+def test_freeze_blocks_leaves_layer4_and_head_trainable():
+    backbone = common.build_backbone("resnet18", shortcut="pad", width=8)
+    model = lsdc.LSDCNet(backbone, 10)
+    lsdc.freeze_blocks(backbone, 3)
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone")}
+    assert trainable == {"layer4"} and all(p.requires_grad for p in model.head.parameters())
+    logits, z = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert len(logits) == 2 and logits[0].shape == (4, 10) and z.shape == (4, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def run_script(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset", "cifar11"], "unknown dataset 'cifar11'"),
+    (["--dataset", "stl10", "--labeling", "cosine"], "--labeling cosine needs --cosine-threshold"),
+    (["--dataset", "mnist", "--labeling", "sne"], "--labeling sne needs --sne-threshold and --sne-temperature"),
+    (["--dataset", "cifar10-lt"], "--labeling knn needs --knn-k: Table 1 gives no value for cifar10-lt"),
+    (["--dataset", "cifar10", "--knn-k", "300"], "--knn-k 300 is larger than the batch"),
+    (["--dataset", "reuters10k", "--mix", "ricap"], "reuters10k is vector data"),
+    (["--dataset", "cifar10", "--frozen-blocks", "7"], "invalid choice"),
+    (["--dataset", "synthetic", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--kmeans-baseline", "--rotnet-only"], "exclude each other"),
+])
+def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        lsdc.parse_args(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_defaults_follow_table_1():
+    args = lsdc.parse_args(["--dataset", "cifar100-20"])
+    assert (args.epochs, args.milestones, args.rampup_weight, args.rampup_length) == (200, [170], 25.0, 150)
+    assert (args.labeling, args.sne_threshold, args.sne_temperature, args.knn_k) == ("sne", 0.01, 0.5, 10)
+    assert (args.batch_size, args.weight_decay, args.lr_gamma, args.frozen_blocks) == (256, 5e-4, 0.1, 3)
+    assert lsdc.parse_args(["--dataset", "cifar10", "--mix", "mixup"]).weight_decay == 1e-4
+    assert lsdc.parse_args(["--dataset", "reuters10k"]).optimizer == "adam"
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    result = run_script(["--dataset", "cifar11"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "unknown dataset 'cifar11'" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "runs")
+    result = run_script(["--help"], tmp_path, timeout=120)
+    assert result.returncode == 0 and "Table 1" in result.stdout and "--labeling" in result.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset", "reuters10k", "--reuters-file", "{tmp}/nope.npy"], "nope.npy not found"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"], "cifar10 (train split) not found"),
+    (["--dataset", "synthetic", "--batch-size", "4000", "--device", "cpu"], "larger than synthetic (2500 samples)"),
+    (["--resume", "{tmp}/nothing"], "cannot read args.json"),
+])
+def test_runtime_user_errors_exit_2(flags, message, tmp_path, capsys):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    if "--resume" not in flags:
+        flags += ["--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as info:
+        common.run_main(lambda: lsdc.main(flags))
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on synthetic data, on the CPU
+# ------------------------------------------------------------------------------------------------
+BASE = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The synthetic row as `python lsdc.py --dataset synthetic --device cpu` runs it: RotNet, then LSD-C."""
+    tmp = tmp_path_factory.mktemp("lsdc")
+    result = run_script([*BASE, "--out-dir", str(tmp / "run"), "--rotnet-dir", str(tmp / "rotnet")], tmp)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp, result
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_learns_clusters(full_run):
+    tmp, result = full_run
+    final = read_json(tmp / "run" / "final.json")
+    metrics = read_metrics(tmp / "run")
+    rotnet = [m for m in metrics if m["stage"] == "rotnet"]
+    clustering = [m for m in metrics if m["stage"] == "lsdc"]
+    defaults = lsdc.PAPER_DEFAULTS["synthetic"]
+    assert len(rotnet) == defaults["rotnet_epochs"] and len(clustering) == defaults["epochs"]
+    assert rotnet[-1]["test_rotation_acc"] > 0.5  # rotation prediction learned (chance 0.25)
+    assert final["acc"] > 0.3 and final["nmi"] > 0.3  # 10 balanced clusters: chance is about 0.1 and 0
+    assert final["test_acc"] > 0.3
+    assert np.array(final["confusion"]).sum() == 2500
+    assert clustering[-1]["acc"] > clustering[0]["acc"] - 0.05
+    assert "final (all): acc" in result.stdout
+    assert os.path.isfile(tmp / "rotnet" / "rotnet__synthetic__resnet18-w8__e4__seed0.pt")
+
+
+def test_kmeans_baseline_on_rotnet_features_is_below_lsdc(full_run):
+    tmp, _ = full_run
+    result = run_script([*BASE, "--out-dir", str(tmp / "km"), "--rotnet-dir", str(tmp / "rotnet"), "--kmeans-baseline"], tmp)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reusing RotNet weights" in result.stdout  # pre-training is not repeated
+    baseline, lsdc_final = read_json(tmp / "km" / "final.json"), read_json(tmp / "run" / "final.json")
+    assert 0.12 < baseline["acc"] < lsdc_final["acc"]
+
+
+def run_until(args, cwd, run_dir, stage, epoch, timeout=600):
+    """Start the script and kill it once metrics.jsonl holds the line of (stage, epoch)."""
+    with open(os.path.join(cwd, "log.txt"), "a") as log:
+        proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, stdout=log, stderr=log)
+        deadline = time.time() + timeout
+        path = os.path.join(run_dir, "metrics.jsonl")
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(path):
+                with open(path) as f:
+                    if any((json.loads(l)["stage"], json.loads(l)["epoch"]) == (stage, epoch) for l in f if l.strip()):
+                        break
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+
+
+def test_resume_after_kills_equals_uninterrupted_run(full_run):
+    tmp, _ = full_run
+    run_dir = str(tmp / "killed")
+    args = [*BASE, "--out-dir", run_dir, "--rotnet-dir", str(tmp / "rotnet-killed")]
+    run_until(args, tmp, run_dir, "rotnet", 1)          # killed during RotNet pre-training
+    run_until(["--resume", run_dir], tmp, run_dir, "lsdc", 4)  # resumed, killed again while clustering
+    assert not os.path.exists(os.path.join(run_dir, "final.json"))
+    result = run_script(["--resume", run_dir], tmp)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed, uninterrupted = read_json(os.path.join(run_dir, "final.json")), read_json(tmp / "run" / "final.json")
+    for key in ("acc", "nmi", "ari", "confusion", "test_acc", "confident_acc", "confident_share"):
+        assert resumed[key] == uninterrupted[key], key
+    lines = read_metrics(run_dir)
+    assert [(m["stage"], m["epoch"]) for m in lines] == [(m["stage"], m["epoch"]) for m in read_metrics(tmp / "run")]
+
+
+def test_diverging_run_stops_with_a_message_and_saves_nothing_bad(full_run):
+    """An absurd learning rate makes the loss NaN in the first epoch: the run stops with exit code 1
+    and a one-line message, before any checkpoint or result is written (that the last good
+    checkpoint survives a later divergence is tested in test_common)."""
+    tmp, _ = full_run
+    run_dir = tmp / "nan"
+    rotnet = str(tmp / "rotnet" / "rotnet__synthetic__resnet18-w8__e4__seed0.pt")
+    result = run_script([*BASE, "--out-dir", str(run_dir), "--rotnet-checkpoint", rotnet, "--lr", "1e12",
+                         "--epochs", "3"], tmp)
+    assert result.returncode == 1 and "training diverged" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(run_dir / "final.json") and not os.path.exists(run_dir / "checkpoint.pt")
+
+
+def test_reuters_format_with_an_mlp(tmp_path):
+    """A small file in DEC's reutersidf10k.npy format: four separated groups of sparse tf-idf-like vectors."""
+    g = np.random.default_rng(0)
+    labels = np.arange(800) % 4
+    topics = g.random((4, 300)) < 0.05
+    data = (g.random((800, 300)) < 0.02) | (topics[labels] & (g.random((800, 300)) < 0.8))
+    data = data / np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-6)
+    np.save(tmp_path / "reutersidf10k.npy", {"data": data.astype(np.float32), "label": labels})
+    result = run_script(["--dataset", "reuters10k", "--data-dir", str(tmp_path), "--device", "cpu",
+                         "--epochs", "8", "--batch-size", "128", "--rampup-length", "4",
+                         "--out-dir", str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(tmp_path / "run" / "final.json")["acc"] > 0.8
