@@ -86,11 +86,13 @@ def test_mixed_pair_targets_against_a_loop():
     torch.manual_seed(2)
     s = (torch.rand(8, 8) > 0.5).float()
     mix = {"weights": torch.tensor([0.5, 0.3, 0.2]), "perms": torch.stack([torch.randperm(8) for _ in range(3)])}
-    out = lsdc.mixed_pair_targets(s, mix)
+    out, official = lsdc.mixed_pair_targets(s, mix), lsdc.mixed_pair_targets(s, mix, "official-code")
     for i in range(8):
         for j in range(8):
             expected = sum(w * s[i, perm[j]] for w, perm in zip(mix["weights"].tolist(), mix["perms"]))
             assert out[i, j].item() == pytest.approx(float(expected))
+            expected = sum(w * s[perm[i], j] for w, perm in zip(mix["weights"].tolist(), mix["perms"]))
+            assert official[i, j].item() == pytest.approx(float(expected))
 
 
 @pytest.mark.parametrize("mixer", ["ricap", "mixup"])
@@ -112,6 +114,9 @@ def test_mixed_targets_match_the_content_of_the_mixed_images(mixer):
             mixed, mix = common.mixup(x, 0.3)
         content = mixed.mean((2, 3))  # (n, classes) proportions inside each mixed image
         assert torch.allclose(lsdc.mixed_pair_targets(s, mix), onehot @ content.T, atol=1e-5)
+        if any(w > 0 and not torch.equal(perm, torch.arange(n)) for w, perm in zip(mix["weights"], mix["perms"])):
+            # the released code's variant permutes the clean axis: it does not match the content
+            assert not torch.allclose(lsdc.mixed_pair_targets(s, mix, "official-code"), onehot @ content.T, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
