@@ -8,6 +8,7 @@ so `torch.manual_seed` makes it reproducible and checkpoints capture it.
 """
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -128,11 +129,10 @@ class FolderImages:
         size = self.image_size
         crop = (T.RandomResizedCrop(size, antialias=True) if random_crop
                 else T.Compose([T.Resize(size * 8 // 7, antialias=True), T.CenterCrop(size)]))
-        transform = T.Compose([T.Lambda(lambda im: im.convert("RGB")), crop, T.PILToTensor()])
         loader = torch.utils.data.DataLoader(
-            _FolderItems(self.folder, transform), batch_sampler=order.cpu().split(batch_size),
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            _FolderItems(self.folder, T.Compose([crop, T.PILToTensor()])),  # ImageFolder gives RGB
+            batch_sampler=[b.tolist() for b in order.cpu().split(batch_size)],
+            num_workers=self.workers, pin_memory=self.device.type == "cuda")
         for idx, images, labels in loader:
             yield (idx.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
@@ -289,10 +289,14 @@ def to_float(images):
     return images.float().div_(255)
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_constant(values, device, dtype):
+    return torch.tensor(values, device=device, dtype=dtype).view(1, -1, 1, 1)
+
+
 def normalize(x, mean, std):
-    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+    """(x - mean) / std per channel; the constants are copied to the device once, not per batch."""
+    return (x - _channel_constant(tuple(mean), x.device, x.dtype)) / _channel_constant(tuple(std), x.device, x.dtype)
 
 
 def _bernoulli(p, batch_size, device):
@@ -314,7 +318,8 @@ def random_crop(x, size, padding=0):
 def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
     aspect ratio ~ U(log ratio) (10 tries, else the whole image), then a bilinear resize to
-    `size`. `size` is an int or (height, width); used for multi-crop global and local views."""
+    `size` (without torchvision's antialiasing when it shrinks). `size` is an int or
+    (height, width); used for multi-crop global and local views."""
     B, _, H, W = x.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
     tries = 10
@@ -360,7 +365,7 @@ def rgb_to_hsv(x):
 
 def hsv_to_rgb(x):
     h, s, v = x.unbind(1)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
          + h.unsqueeze(1) * 6) % 6
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
@@ -409,7 +414,7 @@ def random_grayscale(x, p=0.2):
 def gaussian_blur(x, p=0.5, sigma=(0.1, 2.0), kernel_size=None):
     """Per-sample sigma ~ U(sigma); separable kernels applied as one grouped convolution."""
     B, C, H, W = x.shape
-    k = kernel_size or (2 * int(0.05 * H) + 1 if H >= 64 else 3 if H < 48 else 5)
+    k = kernel_size or max(3, 2 * int(0.05 * H) + 1)  # about 10% of the side: 23 px at 224, 3 px at 32
     s = torch.empty(B, device=x.device).uniform_(*sigma)
     t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
     kernel = torch.exp(-t.view(1, -1) ** 2 / (2 * s.view(-1, 1) ** 2))
@@ -835,7 +840,7 @@ def seed_everything(seed, deterministic=False):
         torch.backends.cudnn.benchmark = False
 
 
-def setup_device(name=None, channels_last=True):
+def setup_device(name=None):
     """`cuda` when available (the process's LOCAL_RANK GPU under torchrun), else `cpu`. On CUDA:
     cudnn.benchmark and TF32 matmuls."""
     if name is None:
@@ -947,6 +952,11 @@ class Run:
     def save_checkpoint(self, state):
         if self.main:
             atomic_save({**state, "rng": rng_state()}, self.file("checkpoint.pt"))
+
+    def print(self, message):
+        """Print on the main process only."""
+        if self.main:
+            print(message, flush=True)
 
     def start_stage(self, name, epochs, first_epoch=0):
         """Begin a training stage (its name tags the log lines; its ETA counts from now)."""

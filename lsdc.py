@@ -82,9 +82,24 @@ COMMON_DEFAULTS = dict(batch_size=256, momentum=0.9, mixup_weight_decay=1e-4,
 LABELING_PARAMS = {"knn": ["knn_k"], "cosine": ["cosine_threshold"], "sne": ["sne_threshold", "sne_temperature"]}
 
 
+def dataset_defaults(dataset):
+    """The Table 1 row of `dataset` over the shared settings. Other datasets of common.py take
+    CIFAR-10's optimisation settings but no labeling threshold: those must be given."""
+    if dataset in PAPER_DEFAULTS:
+        return {**COMMON_DEFAULTS, **PAPER_DEFAULTS[dataset]}
+    unset = dict(cosine_threshold=None, sne_threshold=None, sne_temperature=None, knn_k=None)
+    return {**COMMON_DEFAULTS, **PAPER_DEFAULTS["cifar10"], **unset}
+
+
 def parse_args(argv=None):
+    # Flags left unset take the row of the chosen dataset; reading --dataset first lets --help show it.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="cifar10")
+    dataset = pre.parse_known_args(argv)[0].dataset
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " RotNet pre-training, then LSD-C.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=f"Defaults shown are those of --dataset {dataset} (Table 1 of the "
+                                "supplementary and the official code); `--dataset NAME --help` shows another row.")
     known = [*common.DATASETS, "reuters10k"]
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100-20, stl10, mnist, reuters10k "
                    "(Table 1 defaults) or synthetic; any other dataset of common.py with explicit flags")
@@ -105,8 +120,8 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float)
     g.add_argument("--lr-gamma", type=float, help="lr decay at each milestone (official code: 0.1)")
     g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float, help="5e-4; the paper lowers it to 1e-4 with MixUp "
-                   "(--mixup-weight-decay), used when this flag is unset")
+    g.add_argument("--weight-decay", type=float, help="unset: 5e-4 (official code), or --mixup-weight-decay "
+                   "with --mix mixup (the paper lowers it to 1e-4 with MixUp)")
     g.add_argument("--mixup-weight-decay", type=float)
     g.add_argument("--rampup-weight", type=float, help="lambda of the MSE ramp-up")
     g.add_argument("--rampup-length", type=int, help="T of the MSE ramp-up, in epochs")
@@ -148,6 +163,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-batch-size", type=int, default=1024)
     g.add_argument("--out-dir", help="run directory (default runs/lsdc__<dataset>__<seed>__<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its saved settings")
+    p.set_defaults(**dataset_defaults(dataset))
     args = p.parse_args(argv)
 
     if args.resume:  # the saved settings win, so the continued run is the same run
@@ -156,15 +172,6 @@ def parse_args(argv=None):
         return args
     if args.dataset not in known:
         p.error(f"unknown dataset {args.dataset!r}; choose one of {', '.join(known)}")
-    row = {**COMMON_DEFAULTS, **PAPER_DEFAULTS.get(args.dataset, PAPER_DEFAULTS["cifar10"])}
-    explicit = {k for k, v in vars(args).items() if v is not None}
-    for key, value in row.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.dataset not in PAPER_DEFAULTS:  # other datasets: CIFAR-10's row, but no borrowed thresholds
-        for key in ("cosine_threshold", "sne_threshold", "sne_temperature", "knn_k"):
-            if key not in explicit:
-                setattr(args, key, None)
     missing = [k for k in LABELING_PARAMS[args.labeling] if getattr(args, k) is None]
     if missing:
         flags = " and ".join("--" + k.replace("_", "-") for k in missing)
@@ -350,7 +357,8 @@ def pretrain_rotnet(backbone, train_data, test_data, augment, prepare, args, run
     """Predict the rotation (0/90/180/270) of all four rotations of every image (Gidaris et al.).
     SGD Nesterov, momentum 0.9, wd 5e-4, lr 0.1 divided by 5 at 60/120/160, 200 epochs."""
     head = nn.Linear(backbone.feature_dim, 4).to(device)
-    net = common.wrap_ddp(nn.Sequential(backbone, head), device)
+    rotnet = nn.Sequential(backbone, head)
+    net = common.wrap_ddp(rotnet, device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.rotnet_lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.rotnet_weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.rotnet_milestones, args.rotnet_gamma)
@@ -381,7 +389,7 @@ def pretrain_rotnet(backbone, train_data, test_data, augment, prepare, args, run
         scheduler.step()
         metrics = meter.averages(epoch, run)  # waits for the GPU, so the time below is complete
         train_seconds = time.time() - t0
-        metrics["test_rotation_acc"] = rotation_accuracy(net, test_data, prepare, args, device)
+        metrics["test_rotation_acc"] = rotation_accuracy(rotnet, test_data, prepare, args, device)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         run.log(epoch, metrics, seen * common.world_size(), train_seconds)
         run.save_checkpoint({"stage": "rotnet", "epoch": epoch, "backbone": backbone.state_dict(),
@@ -468,8 +476,8 @@ def main(argv=None):
         raise common.Abort(f"--batch-size {args.batch_size} is larger than {args.dataset} ({len(data)} samples)")
     backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     augment, prepare = make_augment(args, data, device)
-    print(f"run: {run.path} | {args.dataset} {args.split}: {len(data)} samples, K={args.num_clusters} | "
-          f"device {device}", flush=True)
+    run.print(f"run: {run.path} | {args.dataset} {args.split}: {len(data)} samples, K={args.num_clusters} | "
+              f"device {device}")
 
     # Stage 1: RotNet (trained here, resumed, or reused from an earlier run / --rotnet-checkpoint)
     if args.dataset != "reuters10k" and not (state and state["stage"] == "lsdc"):
@@ -486,7 +494,7 @@ def main(argv=None):
                 common.atomic_save(backbone.state_dict(), path)
             state = None
         else:
-            print(f"reusing RotNet weights from {path}", flush=True)
+            run.print(f"reusing RotNet weights from {path}")
             try:
                 backbone.load_state_dict(torch.load(path, map_location=device, weights_only=True))
             except (RuntimeError, OSError) as error:
@@ -498,7 +506,7 @@ def main(argv=None):
         features, labels = common.extract_features(backbone, data, prepare, args.eval_batch_size, args.amp)
         metrics = common.clustering_metrics(kmeans(features, args.num_clusters), labels, args.num_clusters)
         metrics["confusion"] = metrics["confusion"].tolist()
-        print(f"k-means on RotNet features: acc {metrics['acc']:.4f} nmi {metrics['nmi']:.4f} ari {metrics['ari']:.4f}")
+        run.print(f"k-means on RotNet features: acc {metrics['acc']:.4f} nmi {metrics['nmi']:.4f} ari {metrics['ari']:.4f}")
         run.finish(metrics)
         return
 
@@ -543,9 +551,9 @@ def main(argv=None):
         test = evaluate(model, test_data, prepare, args, device)
         result.update({**prefixed(test, "test_"), "test_confusion": test["confusion"].tolist()})
     run.finish(result)
-    print(f"final ({args.split}): acc {result['acc']:.4f} nmi {result['nmi']:.4f} ari {result['ari']:.4f} | "
-          f"confident {result['confident_acc']:.4f} of {result['confident_share']:.2%}"
-          + (f" | test acc {result['test_acc']:.4f}" if test_data is not None else ""), flush=True)
+    run.print(f"final ({args.split}): acc {result['acc']:.4f} nmi {result['nmi']:.4f} ari {result['ari']:.4f} | "
+              f"confident {result['confident_acc']:.4f} of {result['confident_share']:.2%}"
+              + (f" | test acc {result['test_acc']:.4f}" if test_data is not None else ""))
 
 
 if __name__ == "__main__":
