@@ -35,12 +35,16 @@ class Abort(Exception):
 
 
 def run_main(main):
-    """Call `main()`, turning an Abort into a one-line message on stderr and its exit code."""
+    """Call `main()`, turning an Abort into a one-line message on stderr and its exit code, and
+    leaving the torchrun process group cleanly (gloo aborts at exit otherwise)."""
     try:
         main()
     except Abort as error:
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ================================================================================================
@@ -213,7 +217,8 @@ def _load_split(name, split, data_dir, download):
         data = _decode_torchvision(cls_name, split, data_dir, download)
     except Exception as error:
         raise Abort(f"{name} ({split} split) not found: looked for {path} and torchvision's "
-                    f"{cls_name} files under {os.path.abspath(data_dir)}, and the download failed "
+                    f"{cls_name} files under {os.path.abspath(data_dir)}, and "
+                    f"{'the download failed' if download else 'downloading is off'} "
                     f"({type(error).__name__}: {str(error)[:200]}). On a machine with internet run "
                     f"torchvision.datasets.{cls_name}('{data_dir}', download=True), or point "
                     "--data-dir (or DATA_DIR) at a folder that holds the files")
@@ -636,10 +641,12 @@ def alexnet_small(in_channels=3):
     return ConvNet(features, classifier, 2048)
 
 
-def lenet5(in_channels=1):
-    """LeNet-5 with BatchNorm for 28x28 images (first conv padded by 2, as LeNet on 32x32);
-    fc 120 -> 84, returns fc 84 before its ReLU."""
-    features = _conv_stack(in_channels, [(6, 5, 1, 2), "M2,2", (16, 5, 1, 0), "M2,2"])
+def lenet5(in_channels=1, image_size=28):
+    """LeNet-5 with BatchNorm: 28x28 images have their first convolution padded by 2, which makes
+    them the 32x32 input of the original LeNet-5; fc 120 -> 84, returns fc 84 before its ReLU."""
+    if image_size not in (28, 32):
+        raise Abort(f"lenet5 takes 28x28 or 32x32 images, not {image_size}x{image_size}")
+    features = _conv_stack(in_channels, [(6, 5, 1, (32 - image_size) // 2), "M2,2", (16, 5, 1, 0), "M2,2"])
     classifier = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Linear(120, 84))
     return ConvNet(features, classifier, 84)
 
@@ -672,24 +679,25 @@ def _torchvision_resnet50():
     return model
 
 
-BACKBONES = {
-    "resnet18": lambda c, s, w: CifarResNet(BasicBlock, [2, 2, 2, 2], c, s, w),
-    "resnet34": lambda c, s, w: CifarResNet(BasicBlock, [3, 4, 6, 3], c, s, w),
-    "resnet50": lambda c, s, w: CifarResNet(Bottleneck, [3, 4, 6, 3], c, s, w),
-    "resnet50-imagenet": lambda c, s, w: _torchvision_resnet50(),
-    "alexnet": lambda c, s, w: alexnet(c),
-    "alexnet-small": lambda c, s, w: alexnet_small(c),
-    "lenet5": lambda c, s, w: lenet5(c),
-    "vit-s16": lambda c, s, w: _vit(224, 16),
-    "vit-s4-32": lambda c, s, w: _vit(32, 4),
+BACKBONES = {  # name: builder(in_channels, shortcut, width, image_size)
+    "resnet18": lambda c, s, w, i: CifarResNet(BasicBlock, [2, 2, 2, 2], c, s, w),
+    "resnet34": lambda c, s, w, i: CifarResNet(BasicBlock, [3, 4, 6, 3], c, s, w),
+    "resnet50": lambda c, s, w, i: CifarResNet(Bottleneck, [3, 4, 6, 3], c, s, w),
+    "resnet50-imagenet": lambda c, s, w, i: _torchvision_resnet50(),
+    "alexnet": lambda c, s, w, i: alexnet(c),
+    "alexnet-small": lambda c, s, w, i: alexnet_small(c),
+    "lenet5": lambda c, s, w, i: lenet5(c, i or 28),
+    "vit-s16": lambda c, s, w, i: _vit(224, 16),
+    "vit-s4-32": lambda c, s, w, i: _vit(32, 4),
 }
 
 
-def build_backbone(name, in_channels=3, shortcut="conv", width=64):
-    """A backbone by name (see BACKBONES; `mlp` is built directly with MLP(in_dim))."""
+def build_backbone(name, in_channels=3, shortcut="conv", width=64, image_size=None):
+    """A backbone by name (see BACKBONES; `mlp` is built directly with MLP(in_dim)). `shortcut` and
+    `width` concern the CIFAR ResNets, `image_size` LeNet-5 (28 or 32)."""
     if name not in BACKBONES:
         raise Abort(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name](in_channels, shortcut, width)
+    return BACKBONES[name](in_channels, shortcut, width, image_size)
 
 
 # ================================================================================================
@@ -879,6 +887,9 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore a state from rng_state(), or this rank's from a checkpoint's per-rank list."""
+    if isinstance(state, list):
+        state = state[rank()] if rank() < len(state) else state[0]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -950,8 +961,13 @@ class Run:
         return state
 
     def save_checkpoint(self, state):
+        """Write `state` plus every rank's RNG states (a collective under torchrun)."""
+        rngs = [rng_state()]
+        if dist.is_initialized():
+            rngs = [None] * world_size()
+            dist.all_gather_object(rngs, rng_state())
         if self.main:
-            atomic_save({**state, "rng": rng_state()}, self.file("checkpoint.pt"))
+            atomic_save({**state, "rng": rngs}, self.file("checkpoint.pt"))
 
     def print(self, message):
         """Print on the main process only."""

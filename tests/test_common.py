@@ -293,6 +293,14 @@ def test_pad_shortcut_resnet_is_parameter_free_in_its_shortcuts():
     assert torch.allclose(out[:, :4], F.avg_pool2d(x, 2))
 
 
+def test_lenet5_takes_28_and_32_pixel_images():
+    for size in (28, 32):
+        model = common.build_backbone("lenet5", 1, image_size=size).eval()
+        assert model.features(torch.randn(2, 1, size, size)).shape == (2, 16, 5, 5)
+    with pytest.raises(common.Abort, match="28x28 or 32x32"):
+        common.build_backbone("lenet5", 1, image_size=64)
+
+
 def test_mlp_and_width():
     assert common.MLP(2000)(torch.randn(4, 2000)).shape == (4, 2000)
     assert common.build_backbone("resnet18", width=8).feature_dim == 64
@@ -413,8 +421,9 @@ def test_real_mnist_family(name, folder, tmp_path):
     if not os.path.isdir(os.path.join(DATA_DIR, folder, "raw")):
         pytest.skip(f"{folder}/raw is not in {DATA_DIR}")
     shutil.copytree(os.path.join(DATA_DIR, folder, "raw"), tmp_path / folder / "raw")
-    train = common.load_dataset(name, "train", str(tmp_path), download=False)
-    test = common.load_dataset(name, "test", str(tmp_path), download=False)
+    # download=True: torchvision finds the verified .gz files and only unpacks them (no network)
+    train = common.load_dataset(name, "train", str(tmp_path), download=True)
+    test = common.load_dataset(name, "test", str(tmp_path), download=True)
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(train.labels).min() > 5000 and torch.bincount(test.labels).min() > 800
     mean = common.to_float(train.images[:10000]).mean().item()

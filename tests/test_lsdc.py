@@ -1,10 +1,6 @@
 """Tests of lsdc.py: pairwise labels, target mixing, loss, ramp-up, and end-to-end runs on synthetic data."""
-import json
 import math
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,9 +8,8 @@ import torch
 
 import common
 import lsdc
+import scripts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "lsdc.py")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +168,7 @@ def test_freeze_blocks_leaves_layer4_and_head_trainable():
 # Command line
 # ------------------------------------------------------------------------------------------------
 def run_script(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return scripts.run_script("lsdc.py", args, cwd, timeout)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -240,14 +235,7 @@ def full_run(tmp_path_factory):
     return tmp, result
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+read_json, read_metrics = scripts.read_json, scripts.read_metrics
 
 
 def test_end_to_end_learns_clusters(full_run):
@@ -276,28 +264,12 @@ def test_kmeans_baseline_on_rotnet_features_is_below_lsdc(full_run):
     assert 0.12 < baseline["acc"] < lsdc_final["acc"]
 
 
-def run_until(args, cwd, run_dir, stage, epoch, timeout=600):
-    """Start the script and kill it once metrics.jsonl holds the line of (stage, epoch)."""
-    with open(os.path.join(cwd, "log.txt"), "a") as log:
-        proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, stdout=log, stderr=log)
-        deadline = time.time() + timeout
-        path = os.path.join(run_dir, "metrics.jsonl")
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(path):
-                with open(path) as f:
-                    if any((json.loads(l)["stage"], json.loads(l)["epoch"]) == (stage, epoch) for l in f if l.strip()):
-                        break
-            time.sleep(0.05)
-        proc.kill()
-        proc.wait()
-
-
 def test_resume_after_kills_equals_uninterrupted_run(full_run):
     tmp, _ = full_run
     run_dir = str(tmp / "killed")
     args = [*BASE, "--out-dir", run_dir, "--rotnet-dir", str(tmp / "rotnet-killed")]
-    run_until(args, tmp, run_dir, "rotnet", 1)          # killed during RotNet pre-training
-    run_until(["--resume", run_dir], tmp, run_dir, "lsdc", 4)  # resumed, killed again while clustering
+    scripts.run_until("lsdc.py", args, tmp, run_dir, "rotnet", 1)  # killed during RotNet pre-training
+    scripts.run_until("lsdc.py", ["--resume", run_dir], tmp, run_dir, "lsdc", 4)  # resumed, killed while clustering
     assert not os.path.exists(os.path.join(run_dir, "final.json"))
     result = run_script(["--resume", run_dir], tmp)
     assert result.returncode == 0, result.stderr[-2000:]
