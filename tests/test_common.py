@@ -2,6 +2,7 @@
 import itertools
 import math
 import os
+import pickle
 import shutil
 import socket
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import torchvision
 
 import common
 
@@ -390,6 +392,45 @@ def test_cifar100_20_uses_the_coarse_labels(tmp_path):
                 "coarse_labels": fine % 20}, tmp_path / "cifar100-test.pt")
     data = common.load_dataset("cifar100-20", "test", str(tmp_path), download=False)
     assert data.num_classes == 20 and torch.equal(data.labels, fine % 20)
+
+
+class FakeTorchvisionSplit:
+    """Stands in for a torchvision dataset class: the attributes common._decode_torchvision reads."""
+
+    def __init__(self, root, train=None, split=None, download=False):
+        n = {"train": 12, "test": 6, "unlabeled": 9}[split or ("train" if train else "test")]
+        rng = np.random.default_rng(n)
+        if self.layout == "NCHW":  # SVHN, STL-10: numpy (N, C, H, W) and .labels (-1 = unlabeled)
+            self.data = rng.integers(0, 256, (n, 3, self.side, self.side), dtype=np.uint8)
+            self.labels = np.full(n, -1) if split == "unlabeled" else np.arange(n) % 10
+        else:  # CIFAR: numpy (N, H, W, C) and a .targets list; coarse labels only in the pickle
+            self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = list(range(n))
+            self.base_folder = "cifar-100-python"
+            os.makedirs(os.path.join(root, self.base_folder), exist_ok=True)
+            with open(os.path.join(root, self.base_folder, "train" if train else "test"), "wb") as f:
+                pickle.dump({"coarse_labels": [i % 20 for i in range(n)]}, f)
+
+
+@pytest.mark.parametrize("name,cls,layout,side", [("svhn", "SVHN", "NCHW", 32), ("stl10", "STL10", "NCHW", 96),
+                                                  ("cifar100-20", "CIFAR100", "NHWC", 32)])
+def test_torchvision_decoding_and_cache(name, cls, layout, side, tmp_path, monkeypatch):
+    fake = type(cls, (FakeTorchvisionSplit,), {"layout": layout, "side": side})
+    monkeypatch.setattr(torchvision.datasets, cls, fake)
+    data = common.load_dataset(name, "train", str(tmp_path))
+    reference = fake(str(tmp_path), train=True, split="train")
+    assert data.images.dtype == torch.uint8 and data.images.shape == (12, 3, side, side)
+    expected = reference.data if layout == "NCHW" else reference.data.transpose(0, 3, 1, 2)
+    assert np.array_equal(data.images.numpy(), expected)
+    assert data.labels.tolist() == ([i % 20 for i in range(12)] if name == "cifar100-20" else [i % 10 for i in range(12)])
+    cache = tmp_path / f"{common.DATASETS[name][1]}-train.pt"
+    assert cache.exists()
+    monkeypatch.delattr(torchvision.datasets, cls)  # the cache alone now serves the split
+    assert torch.equal(common.load_dataset(name, "train", str(tmp_path)).images, data.images)
+    if name == "stl10":
+        monkeypatch.setattr(torchvision.datasets, cls, fake, raising=False)
+        both = common.load_dataset(name, "train+unlabeled", str(tmp_path))
+        assert len(both) == 21 and (both.labels == -1).sum() == 9
 
 
 def test_imagefolder(tmp_path):

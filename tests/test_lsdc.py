@@ -1,6 +1,8 @@
 """Tests of lsdc.py: pairwise labels, target mixing, loss, ramp-up, and end-to-end runs on synthetic data."""
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -291,6 +293,26 @@ def test_diverging_run_stops_with_a_message_and_saves_nothing_bad(full_run):
                          "--epochs", "3"], tmp)
     assert result.returncode == 1 and "training diverged" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(run_dir / "final.json") and not os.path.exists(run_dir / "checkpoint.pt")
+
+
+def test_two_processes_with_torchrun(full_run):
+    """torchrun with two CPU processes (gloo): one epoch on the cached RotNet, each process with its own
+    batch of 64 (pairs stay inside a process's batch); rank 0 alone writes the run."""
+    tmp, _ = full_run
+    run_dir = tmp / "ddp"
+    rotnet = str(tmp / "rotnet" / "rotnet__synthetic__resnet18-w8__e4__seed0.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(scripts.ROOT, "lsdc.py"), *BASE, "--out-dir", str(run_dir),
+                             "--rotnet-checkpoint", rotnet, "--epochs", "1", "--batch-size", "64"],
+                            cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("final (all)") == 1
+    final, metrics = read_json(run_dir / "final.json"), read_metrics(run_dir)
+    assert len(metrics) == 1 and np.array(final["confusion"]).sum() == 2500
+    # kNN pairs (k = 10) inside a batch of 64: each row links at least 9 of 64 samples (about 0.07 in 128)
+    assert metrics[0]["positive_pairs"] >= 9 / 64
+    assert len(torch.load(run_dir / "checkpoint.pt", weights_only=False)["rng"]) == 2  # one state per rank
 
 
 def test_reuters_format_with_an_mlp(tmp_path):
