@@ -526,7 +526,7 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         labels, start = state["labels"].to(device), state["epoch"] + 1
         common.set_rng_state(state["rng"])
-    k, t_start = args.num_clusters, time.time()
+    k = args.num_clusters
     run.start_stage("train", args.cycles, start)
     for cycle in range(start, args.cycles):
         metrics = {}
@@ -548,13 +548,12 @@ def main(argv=None):
         t0 = time.time()
         meter, seen = train_cycle(net, [optimizer, head_optimizer], data, labels, cycle_order(labels, k, args, cycle),
                                   weights, augment, args, device)
-        train_seconds = time.time() - t0
-        metrics.update(meter.averages(cycle, run))
-        run.log(cycle, metrics, seen * common.world_size(), train_seconds)
+        metrics.update(meter.averages(cycle, run))  # waits for the GPU, so the time below is complete
+        run.log(cycle, metrics, seen * common.world_size(), time.time() - t0)
         run.save_checkpoint({"stage": "train", "epoch": cycle, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "labels": labels.cpu()})
 
-    result = {"cycles": args.cycles, "train_seconds": time.time() - t_start}
+    result = {"cycles": args.cycles}
     if labels is not None:
         result.update(assignment_nmis(labels, None, data.labels))
     if args.probe_epochs:
