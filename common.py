@@ -510,7 +510,8 @@ def ricap(x, beta=0.3, mix=None, identity_above=None):
 # ================================================================================================
 class PadShortcut(nn.Module):
     """Parameter-free shortcut (LSD-C, AutoNovel): 2x2 average pooling when the block downsamples,
-    zero channels appended when it widens."""
+    zero channels appended when it widens. ceil_mode matches the strided 3x3 conv beside it on odd
+    sizes (MNIST's 28 px reach layer4 at 7 -> 4); on even sizes it is AutoNovel's AvgPool2d(2)."""
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__()
@@ -518,7 +519,7 @@ class PadShortcut(nn.Module):
 
     def forward(self, x):
         if self.stride > 1:
-            x = F.avg_pool2d(x, self.stride)
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
         return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
 
 

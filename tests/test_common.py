@@ -295,6 +295,19 @@ def test_pad_shortcut_resnet_is_parameter_free_in_its_shortcuts():
     assert torch.allclose(out[:, :4], F.avg_pool2d(x, 2))
 
 
+def test_pad_shortcut_resnet_takes_mnist_sized_images():
+    # 28 px reach layer4 at 7 x 7, where the strided conv gives 4 x 4: the pooled shortcut must too,
+    # its last row/column averaging the one pixel that is left.
+    model = common.build_backbone("resnet18", 1, shortcut="pad", width=8).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, model.feature_dim)
+    x = torch.randn(1, 2, 7, 7)
+    out = common.PadShortcut(2, 2, 2)(x)
+    assert out.shape == (1, 2, 4, 4)
+    assert torch.allclose(out[0, :, 1, 3], x[0, :, 2:4, 6].mean(1))
+    assert torch.allclose(out[0, :, 3, 3], x[0, :, 6, 6])
+
+
 def test_lenet5_takes_28_and_32_pixel_images():
     for size in (28, 32):
         model = common.build_backbone("lenet5", 1, image_size=size).eval()
