@@ -69,7 +69,8 @@ def main():
         "wall_clock_seconds": sum(s["seconds"] for s in sessions), "sessions": len(sessions),
         "stages": {k: {"epochs": v["epochs"], "median_train_images_per_s": sorted(v["train_images_per_s"])[len(v["train_images_per_s"]) // 2]}
                    for k, v in stage_seconds.items()},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available() and saved["device"] != "cpu" else
+                   f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__,
     }
     with open(os.path.join(args.run_dir, "reproduction.json"), "w") as f:
