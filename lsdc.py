@@ -40,6 +40,8 @@ Deliberate deviations from the official code (each is a flag away where it is a 
     agree and the MSE term vanishes.
 """
 import argparse
+import hashlib
+import json
 import os
 import time
 
@@ -348,10 +350,18 @@ def make_augment(args, data, device):
 # ------------------------------------------------------------------------------------------------
 # Stage 1: RotNet pre-training
 # ------------------------------------------------------------------------------------------------
+ROTNET_RECIPE = ["backbone", "width", "rotnet_epochs", "rotnet_milestones", "rotnet_lr", "rotnet_gamma",
+                 "rotnet_batch_size", "rotnet_weight_decay", "crop_padding", "flip", "seed"]
+
+
 def rotnet_path(args):
+    """Where this run's RotNet is kept for reuse: the name holds the dataset and a digest of every
+    setting that shapes the pre-training, so a changed recipe never picks up stale weights."""
     if args.rotnet_checkpoint:
         return args.rotnet_checkpoint
-    name = f"rotnet__{args.dataset}__{args.backbone}-w{args.width}__e{args.rotnet_epochs}__seed{args.seed}.pt"
+    recipe = {k: getattr(args, k) for k in ROTNET_RECIPE} | {"world_size": common.world_size()}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"rotnet__{args.dataset}__{args.backbone}-w{args.width}__e{args.rotnet_epochs}__seed{args.seed}__{digest}.pt"
     return os.path.join(args.rotnet_dir, name)
 
 

@@ -254,7 +254,19 @@ def test_end_to_end_learns_clusters(full_run):
     assert np.array(final["confusion"]).sum() == 2500
     assert clustering[-1]["acc"] > clustering[0]["acc"] - 0.05
     assert "final (all): acc" in result.stdout
-    assert os.path.isfile(tmp / "rotnet" / "rotnet__synthetic__resnet18-w8__e4__seed0.pt")
+    assert os.path.isfile(cached_rotnet(tmp))
+
+
+def cached_rotnet(tmp):
+    return lsdc.rotnet_path(lsdc.parse_args([*BASE, "--rotnet-dir", str(tmp / "rotnet")]))
+
+
+def test_rotnet_cache_name_follows_the_pretraining_recipe():
+    path = lambda *flags: lsdc.rotnet_path(lsdc.parse_args([*BASE, *flags]))
+    assert path() == path("--lr", "0.5", "--epochs", "3", "--labeling", "sne")  # LSD-C-stage flags
+    for flags in (["--rotnet-milestones", "2"], ["--rotnet-lr", "0.05"], ["--rotnet-batch-size", "64"],
+                  ["--crop-padding", "2"], ["--no-flip"], ["--width", "16"], ["--seed", "1"]):
+        assert path(*flags) != path(), flags
 
 
 def test_kmeans_baseline_on_rotnet_features_is_below_lsdc(full_run):
@@ -288,7 +300,7 @@ def test_diverging_run_stops_with_a_message_and_saves_nothing_bad(full_run):
     checkpoint survives a later divergence is tested in test_common)."""
     tmp, _ = full_run
     run_dir = tmp / "nan"
-    rotnet = str(tmp / "rotnet" / "rotnet__synthetic__resnet18-w8__e4__seed0.pt")
+    rotnet = cached_rotnet(tmp)
     result = run_script([*BASE, "--out-dir", str(run_dir), "--rotnet-checkpoint", rotnet, "--lr", "1e12",
                          "--epochs", "3"], tmp)
     assert result.returncode == 1 and "training diverged" in result.stderr and "Traceback" not in result.stderr
@@ -300,7 +312,7 @@ def test_two_processes_with_torchrun(full_run):
     batch of 64 (pairs stay inside a process's batch); rank 0 alone writes the run."""
     tmp, _ = full_run
     run_dir = tmp / "ddp"
-    rotnet = str(tmp / "rotnet" / "rotnet__synthetic__resnet18-w8__e4__seed0.pt")
+    rotnet = cached_rotnet(tmp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              os.path.join(scripts.ROOT, "lsdc.py"), *BASE, "--out-dir", str(run_dir),
