@@ -1,6 +1,7 @@
 """Tests of lsdc.py: pairwise labels, target mixing, loss, ramp-up, and end-to-end runs on synthetic data."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -340,3 +341,26 @@ def test_reuters_format_with_an_mlp(tmp_path):
                          "--out-dir", str(tmp_path / "run")], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_json(tmp_path / "run" / "final.json")["acc"] > 0.8
+
+
+@pytest.mark.skipif(not os.environ.get("DATA_DIR"), reason="DATA_DIR is not set: real datasets are not available")
+def test_real_mnist_runs_through_the_one_channel_28_pixel_path(tmp_path):
+    """lsdc.py --dataset mnist on the real files: 28 px grey images through the pad-shortcut ResNet
+    (layer4 at 7 -> 4 pixels), train+test together. A random width-8 network stands in for RotNet and
+    k-means replaces the LSD-C stage, which keeps this under a minute; the 70,000 assignments must
+    carry MNIST's own class sizes (train + test, as published with the dataset)."""
+    raw = os.path.join(os.environ["DATA_DIR"], "MNIST", "raw")
+    if not os.path.isdir(raw):
+        pytest.skip(f"MNIST/raw is not in {os.environ['DATA_DIR']}")
+    shutil.copytree(raw, tmp_path / "MNIST" / "raw")  # torchvision unpacks beside the files it reads
+    torch.manual_seed(0)
+    torch.save(common.build_backbone("resnet18", 1, shortcut="pad", width=8).state_dict(), tmp_path / "random.pt")
+    result = run_script(["--dataset", "mnist", "--data-dir", str(tmp_path), "--device", "cpu", "--width", "8",
+                         "--rotnet-checkpoint", str(tmp_path / "random.pt"), "--kmeans-baseline",
+                         "--out-dir", str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = read_json(tmp_path / "run" / "final.json")
+    class_sizes = [5923 + 980, 6742 + 1135, 5958 + 1032, 6131 + 1010, 5842 + 982,
+                   5421 + 892, 5918 + 958, 6265 + 1028, 5851 + 974, 5949 + 1009]
+    assert np.array(final["confusion"]).sum(0).tolist() == class_sizes
+    assert final["acc"] > max(class_sizes) / 70000  # above one-cluster-for-all, nothing more from random features
