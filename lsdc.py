@@ -469,9 +469,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.setup_device(args.device)
     common.init_distributed(device)
-    run = common.Run("lsdc", args, args.out_dir, args.resume)
     common.seed_everything(args.seed + common.rank(), args.deterministic)
-    state = run.load_checkpoint() if args.resume else None
 
     if args.dataset == "reuters10k":
         data = load_reuters(args.reuters_file or os.path.join(args.data_dir, "reutersidf10k.npy"), device)
@@ -486,6 +484,8 @@ def main(argv=None):
     args.num_clusters = args.num_clusters or data.num_classes
     if args.batch_size > len(data):
         raise common.Abort(f"--batch-size {args.batch_size} is larger than {args.dataset} ({len(data)} samples)")
+    run = common.Run("lsdc", args, args.out_dir, args.resume)  # only once the data is there: no empty runs
+    state = run.load_checkpoint() if args.resume else None
     backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     augment, prepare = make_augment(args, data, device)
     run.print(f"run: {run.path} | {args.dataset} {args.split}: {len(data)} samples, K={args.num_clusters} | "

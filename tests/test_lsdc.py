@@ -214,13 +214,14 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     (["--dataset", "synthetic", "--batch-size", "4000", "--device", "cpu"], "larger than synthetic (2500 samples)"),
     (["--resume", "{tmp}/nothing"], "cannot read args.json"),
 ])
-def test_runtime_user_errors_exit_2(flags, message, tmp_path, capsys):
+def test_runtime_user_errors_exit_2_and_create_nothing(flags, message, tmp_path, capsys):
     flags = [f.format(tmp=tmp_path) for f in flags]
     if "--resume" not in flags:
         flags += ["--out-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as info:
         common.run_main(lambda: lsdc.main(flags))
     assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")  # no run directory left behind by a failed start
 
 
 # ------------------------------------------------------------------------------------------------
