@@ -1005,21 +1005,22 @@ class Run:
 
 
 class Meter:
-    """Sums per-step values on the device (no host sync in the loop); `averages()` syncs once per
-    epoch and stops the run if any is NaN or inf, before a checkpoint could save bad weights."""
+    """Sums per-step values on the device (no host sync in the loop); each name is averaged over
+    the steps that added it. `averages()` syncs once per epoch and stops the run if any is NaN or
+    inf, before a checkpoint could save bad weights."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
 
     def add(self, **values):
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def averages(self, epoch=None, run=None):
         if not self.sums:
             return {}
-        totals = all_reduce_mean(torch.stack(list(self.sums.values())) / max(self.count, 1))
+        totals = all_reduce_mean(torch.stack([self.sums[k] / self.counts[k] for k in self.sums]))
         values = dict(zip(self.sums, totals.tolist()))
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:

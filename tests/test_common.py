@@ -573,6 +573,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
     ok.add(a=torch.tensor(1.0), b=torch.tensor(2.0))
     ok.add(a=torch.tensor(3.0), b=torch.tensor(2.0))
     assert ok.averages() == {"a": 2.0, "b": 2.0}
+    ok.add(c=torch.tensor(5.0))  # a name added on fewer steps is averaged over its own steps
+    assert ok.averages() == {"a": 2.0, "b": 2.0, "c": 5.0}
 
 
 def test_run_main_turns_abort_into_one_line_and_exit_code(capsys):
