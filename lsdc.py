@@ -427,12 +427,23 @@ def rotation_accuracy(net, data, prepare, args, device):
 # ------------------------------------------------------------------------------------------------
 # Stage 2: LSD-C
 # ------------------------------------------------------------------------------------------------
-def train_epoch(model, step, optimizer, data, augment, args, epoch, device):
+def pair_label_quality(s, labels):
+    """Diagnostic only (the ground truth never reaches the loss): of the off-diagonal pairs that the
+    pseudo-labels s link, the share of same-class ones (precision), and of the same-class pairs, the
+    share that s links (recall)."""
+    same = (labels[:, None] == labels[None, :]).float()
+    off_diagonal = 1.0 - torch.eye(len(s), device=s.device)
+    linked, same = s * off_diagonal, same * off_diagonal
+    true_links = (linked * same).sum()
+    return true_links / linked.sum().clamp(min=1), true_links / same.sum().clamp(min=1)
+
+
+def train_epoch(model, step, optimizer, data, augment, args, epoch, device, log_pair_quality=True):
     """One epoch of LSD-C; returns the meter of losses and the number of images seen."""
     mse_weight = rampup(epoch, args.rampup_weight, args.rampup_length) if args.mse else 0.0
     meter, seen = common.Meter(), 0
     order = common.epoch_order(len(data), args.seed, epoch, device)
-    for idx, images, _ in data.batches(common.shard_batches(order, args.batch_size).flatten(), args.batch_size):
+    for idx, images, labels in data.batches(common.shard_batches(order, args.batch_size).flatten(), args.batch_size):
         x1, x2, x3 = augment(images), augment(images), augment(images)
         mix = None
         if args.mix == "ricap":  # two mixed views: same boundary and permutations, new crop positions
@@ -443,28 +454,42 @@ def train_epoch(model, step, optimizer, data, augment, args, epoch, device):
             x3, _ = common.mixup(x3, mix=mix)
         with common.autocast(device, args.amp):
             (logits1, logits2, logits3), z = step(x1, x2, x3)
-        targets = mixed_pair_targets(pairwise_labels(z, args), mix, args.mixed_targets)
+        s = pairwise_labels(z, args)
+        targets = mixed_pair_targets(s, mix, args.mixed_targets)
         loss, bce, mse = lsdc_loss(logits1, logits2, logits3, targets, mse_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        meter.add(loss=loss, bce=bce, mse=mse, positive_pairs=targets.mean())
+        quality = dict(zip(("pair_precision", "pair_recall"), pair_label_quality(s, labels))) if log_pair_quality else {}
+        meter.add(loss=loss, bce=bce, mse=mse, positive_pairs=s.mean(), **quality)
         seen += len(images)
     return meter, seen, mse_weight
 
 
-@torch.no_grad()
-def evaluate(model, data, prepare, args, device):
-    """ACC (Hungarian), NMI, ARI of the head's argmax, and LSD-C's confident-sample accuracy."""
-    logits, labels = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
+def score(logits, labels, num_clusters):
+    """ACC (Hungarian), NMI, ARI of the head's argmax, LSD-C's confident-sample accuracy and share
+    (max probability > 0.9, supplementary Fig. 1b), and the share of the smallest cluster."""
     probs = logits.softmax(1)
-    metrics = common.clustering_metrics(probs.argmax(1), labels, args.num_clusters)
+    metrics = common.clustering_metrics(probs.argmax(1), labels, num_clusters)
     metrics["confident_acc"], metrics["confident_share"] = common.confident_accuracy(probs, labels, 0.9)
+    metrics["smallest_cluster"] = torch.bincount(probs.argmax(1), minlength=num_clusters).min().item() / len(probs)
     return metrics
 
 
-def prefixed(metrics, prefix):
-    return {f"{prefix}{k}": v for k, v in metrics.items() if k != "confusion"}
+@torch.no_grad()
+def evaluate(model, data, test_data, prepare, args):
+    """Scores on the clustered data and, under "test_" keys, on the test split. With --split all the
+    test split is the tail of the data (train + test): its predictions are sliced off, not recomputed
+    (BatchNorm in eval mode makes each prediction independent of the rest of its batch)."""
+    logits, labels = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
+    metrics = score(logits, labels, args.num_clusters)
+    if test_data is not None:
+        if args.split == "all":
+            test_logits, test_labels = logits[-len(test_data):], labels[-len(test_data):]
+        else:
+            test_logits, test_labels = common.extract_features(model, test_data, prepare, args.eval_batch_size, args.amp)
+        metrics.update({f"test_{k}": v for k, v in score(test_logits, test_labels, args.num_clusters).items()})
+    return metrics
 
 
 def main(argv=None):
@@ -542,29 +567,25 @@ def main(argv=None):
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"] + 1
         common.set_rng_state(state["rng"])
+    log_pair_quality = bool((data.labels >= 0).all())  # not on splits with unlabeled samples (label -1)
     ddp_model = common.wrap_ddp(model, device)
     step = torch.compile(ddp_model) if args.compile else ddp_model
     run.start_stage("lsdc", args.epochs, start)
     for epoch in range(start, args.epochs):
         model.train()
         t0 = time.time()
-        meter, seen, mse_weight = train_epoch(model, step, optimizer, data, augment, args, epoch, device)
+        meter, seen, mse_weight = train_epoch(model, step, optimizer, data, augment, args, epoch, device,
+                                              log_pair_quality)
         scheduler.step()
         metrics = {**meter.averages(epoch, run), "mse_weight": mse_weight, "lr": optimizer.param_groups[0]["lr"]}
         train_seconds = time.time() - t0
-        metrics.update(prefixed(evaluate(model, data, prepare, args, device), ""))
-        if test_data is not None:
-            metrics.update(prefixed(evaluate(model, test_data, prepare, args, device), "test_"))
+        metrics.update({k: v for k, v in evaluate(model, data, test_data, prepare, args).items() if "confusion" not in k})
         run.log(epoch, metrics, seen * common.world_size(), train_seconds)
         run.save_checkpoint({"stage": "lsdc", "epoch": epoch, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
 
-    final = evaluate(model, data, prepare, args, device)
-    result = {**prefixed(final, ""), "confusion": final["confusion"].tolist(), "epochs": args.epochs}
-    if test_data is not None:
-        test = evaluate(model, test_data, prepare, args, device)
-        result.update({**prefixed(test, "test_"), "test_confusion": test["confusion"].tolist()})
-    run.finish(result)
+    result = {k: v.tolist() if "confusion" in k else v for k, v in evaluate(model, data, test_data, prepare, args).items()}
+    run.finish({**result, "epochs": args.epochs})
     run.print(f"final ({args.split}): acc {result['acc']:.4f} nmi {result['nmi']:.4f} ari {result['ari']:.4f} | "
               f"confident {result['confident_acc']:.4f} of {result['confident_share']:.2%}"
               + (f" | test acc {result['test_acc']:.4f}" if test_data is not None else ""))

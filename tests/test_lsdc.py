@@ -117,6 +117,40 @@ def test_mixed_targets_match_the_content_of_the_mixed_images(mixer):
             assert not torch.allclose(lsdc.mixed_pair_targets(s, mix, "official-code"), onehot @ content.T, atol=1e-5)
 
 
+def test_pair_label_quality_counts_off_diagonal_pairs():
+    # classes 0 0 0 1 1: same-class off-diagonal pairs (0,1) (0,2) (1,2) (3,4), each counted twice
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    s = torch.eye(5)
+    for i, j in [(0, 1), (3, 4), (2, 3)]:  # two right links and one across classes
+        s[i, j] = s[j, i] = 1
+    precision, recall = lsdc.pair_label_quality(s, labels)
+    assert precision.item() == pytest.approx(2 / 3) and recall.item() == pytest.approx(2 / 4)
+    perfect = (labels[:, None] == labels[None]).float()
+    assert [v.item() for v in lsdc.pair_label_quality(perfect, labels)] == [1.0, 1.0]
+    assert [v.item() for v in lsdc.pair_label_quality(torch.eye(5), labels)] == [0.0, 0.0]  # self links only
+
+
+def test_test_split_scores_are_sliced_from_train_plus_test():
+    """With --split all the test scores come from the tail of the train+test predictions; they must
+    equal scoring the test split on its own, and the smallest-cluster share must match a count."""
+    torch.manual_seed(5)
+    train, test = common.load_dataset("synthetic", "train"), common.load_dataset("synthetic", "test")
+    everything = common.load_dataset("synthetic", "all")
+    model = lsdc.LSDCNet(common.build_backbone("resnet18", shortcut="pad", width=8), 10)
+    args = lsdc.parse_args(["--dataset", "synthetic", "--device", "cpu"])
+    args.num_clusters, args.eval_batch_size = 10, 512
+    _, prepare = lsdc.make_augment(args, everything, torch.device("cpu"))
+    sliced = lsdc.evaluate(model, everything, test, prepare, args)
+    args.split = "train"
+    separate = lsdc.evaluate(model, train, test, prepare, args)
+    for key in ("acc", "nmi", "ari", "confident_acc", "confident_share", "smallest_cluster"):
+        assert sliced[f"test_{key}"] == pytest.approx(separate[f"test_{key}"], abs=1e-6), key
+    assert np.array_equal(sliced["test_confusion"], separate["test_confusion"])
+    logits, _ = common.extract_features(model, everything, prepare)
+    counts = torch.bincount(logits.argmax(1), minlength=10)
+    assert sliced["smallest_cluster"] == pytest.approx(counts.min().item() / len(everything))
+
+
 # ------------------------------------------------------------------------------------------------
 # Loss and ramp-up
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +289,8 @@ def test_end_to_end_learns_clusters(full_run):
     assert final["test_acc"] > 0.3
     assert np.array(final["confusion"]).sum() == 2500
     assert clustering[-1]["acc"] > clustering[0]["acc"] - 0.05
+    # the kNN links beat chance (10 balanced classes: a random pair is same-class about 1 time in 10)
+    assert all(0.12 < m["pair_precision"] <= 1 and 0 < m["pair_recall"] <= 1 for m in clustering)
     assert "final (all): acc" in result.stdout
     assert os.path.isfile(cached_rotnet(tmp))
 
