@@ -41,6 +41,7 @@ def main():
         proc.wait()
         code = None
     elapsed = time.time() - start
+    os.makedirs(args.run_dir, exist_ok=True)  # a session cut before lsdc.py made the run directory
     sessions_path = os.path.join(args.run_dir, "sessions.json")
     sessions = json.load(open(sessions_path)) if os.path.exists(sessions_path) else []
     sessions.append({"command": command, "seconds": elapsed, "exit_code": code})
@@ -54,7 +55,7 @@ def main():
 
     final = json.load(open(os.path.join(args.run_dir, "final.json")))
     saved = json.load(open(os.path.join(args.run_dir, "args.json")))
-    stage_seconds = {}
+    stage_seconds, rotation_acc = {}, None
     with open(os.path.join(args.run_dir, "metrics.jsonl")) as f:
         for line in f:
             m = json.loads(line)
@@ -62,10 +63,12 @@ def main():
             stage_seconds.setdefault(m["stage"], {"epochs": 0, "train_images_per_s": []})
             stage_seconds[m["stage"]]["epochs"] += 1
             stage_seconds[m["stage"]]["train_images_per_s"].append(images)
+            rotation_acc = m.get("test_rotation_acc", rotation_acc)
     summary = {
         "dataset": saved["dataset"], "labeling": saved["labeling"], "command": "python lsdc.py " + " ".join(lsdc_args),
         "acc": final.get("acc"), "nmi": final.get("nmi"), "ari": final.get("ari"), "test_acc": final.get("test_acc"),
         "confident_acc": final.get("confident_acc"), "confident_share": final.get("confident_share"),
+        "rotnet_test_rotation_acc": rotation_acc, "rotnet_checkpoint": final.get("rotnet_checkpoint"),
         "wall_clock_seconds": sum(s["seconds"] for s in sessions), "sessions": len(sessions),
         "stages": {k: {"epochs": v["epochs"], "median_train_images_per_s": sorted(v["train_images_per_s"])[len(v["train_images_per_s"]) // 2]}
                    for k, v in stage_seconds.items()},
@@ -76,8 +79,13 @@ def main():
     with open(os.path.join(args.run_dir, "reproduction.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
-    print(f"| LSD-C ({summary['labeling']}) | {summary['dataset']} | ACC {summary['acc']:.3f} NMI {summary['nmi']:.3f} "
-          f"ARI {summary['ari']:.3f} | {summary['wall_clock_seconds'] / 60:.1f} min | {summary['device']} |")
+    minutes = summary["wall_clock_seconds"] / 60
+    if summary["acc"] is None:  # --rotnet-only: the pre-trained weights are the result
+        print(f"| RotNet | {summary['dataset']} | test rotation accuracy {rotation_acc:.3f} | {minutes:.1f} min | "
+              f"{summary['device']} | weights: {summary['rotnet_checkpoint']} |")
+    else:
+        print(f"| LSD-C ({summary['labeling']}) | {summary['dataset']} | ACC {summary['acc']:.3f} NMI {summary['nmi']:.3f} "
+              f"ARI {summary['ari']:.3f} | {minutes:.1f} min | {summary['device']} |")
 
 
 if __name__ == "__main__":
