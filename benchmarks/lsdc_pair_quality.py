@@ -10,6 +10,9 @@ pairs linked), `pair_precision` (share of off-diagonal links that join same-clas
 `pair_recall` (share of same-class pairs that are linked), the values lsdc.py logs every epoch.
 `--rotnet` reads the links LSD-C starts from (the weights of a RotNet, with flags for lsdc.py after
 `--`); `--run` those of an lsdc.py run's checkpoint, with the run's own settings.
+`--bf16-agreement` also computes each batch's links from features in float32 and under bf16
+autocast (lsdc.py's default on CUDA; the released code runs float32) and reports how many agree
+(`bf16_link_agreement`: shared links over links of either, off the diagonal).
 """
 import argparse
 import json
@@ -28,6 +31,7 @@ def main():
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--rotnet", help="RotNet backbone weights (as kept in runs/rotnet/)")
     weights.add_argument("--run", help="an lsdc.py run directory whose checkpoint is in the LSD-C stage")
+    p.add_argument("--bf16-agreement", action="store_true", help="compare the links of float32 and bf16 features")
     p.add_argument("lsdc_args", nargs=argparse.REMAINDER, help="lsdc.py flags, after -- (with --rotnet)")
     a = p.parse_args()
     flags = [f for f in a.lsdc_args if f != "--"]
@@ -52,13 +56,21 @@ def main():
     order = common.epoch_order(len(data), args.seed, 0, device)
     with torch.no_grad():
         for _, images, labels in data.batches(common.shard_batches(order, args.batch_size).flatten(), args.batch_size):
-            with common.autocast(device, args.amp):
-                z = backbone(augment(images))
-            s = lsdc.pairwise_labels(z, args)
+            x = augment(images)
+            with common.autocast(device, args.amp):  # as lsdc.py trains
+                s = lsdc.pairwise_labels(backbone(x), args)
             precision, recall = lsdc.pair_label_quality(s, labels)
             meter.add(positive_pairs=s.mean(), pair_precision=precision, pair_recall=recall)
+            if a.bf16_agreement:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    s_bf16 = lsdc.pairwise_labels(backbone(x), args)
+                with torch.autocast(device.type, enabled=False):
+                    s_fp32 = lsdc.pairwise_labels(backbone(x), args)
+                off_diagonal = 1.0 - torch.eye(len(x), device=x.device)
+                shared, either = s_bf16 * s_fp32 * off_diagonal, torch.maximum(s_bf16, s_fp32) * off_diagonal
+                meter.add(bf16_link_agreement=shared.sum() / either.sum().clamp(min=1))
     print(json.dumps({"weights": a.run or a.rotnet, "dataset": args.dataset, "labeling": args.labeling,
-                      "batch_size": args.batch_size, **meter.averages()}))
+                      "batch_size": args.batch_size, "amp": args.amp and device.type == "cuda", **meter.averages()}))
 
 
 if __name__ == "__main__":

@@ -318,16 +318,19 @@ def test_kmeans_baseline_on_rotnet_features_is_below_lsdc(full_run):
 
 
 def test_pair_quality_script_reads_the_links_of_rotnet_and_of_a_run(full_run):
-    """benchmarks/lsdc_pair_quality.py: RotNet links are twice as precise as chance, and a finished run's links agree with
-    what lsdc.py logged in its last epoch (the learning rate is 0.01 there: the weights barely move)."""
+    """benchmarks/lsdc_pair_quality.py: RotNet links are twice as precise as chance and mostly survive
+    bf16, and a finished run's links agree with what lsdc.py logged in its last epoch (the learning
+    rate is 0.01 there: the weights barely move)."""
     tmp, _ = full_run
     outputs = []
-    for weights in (["--rotnet", cached_rotnet(tmp), "--", *BASE], ["--run", str(tmp / "run")]):
+    for weights in (["--rotnet", cached_rotnet(tmp), "--bf16-agreement", "--", *BASE], ["--run", str(tmp / "run")]):
         result = scripts.run_script(os.path.join("benchmarks", "lsdc_pair_quality.py"), weights, tmp, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
     rotnet, finished = outputs
     assert 0.2 < rotnet["pair_precision"] <= 1 and 0 < rotnet["pair_recall"] <= 1
+    # bf16 moves some links; links of two different batches would share about one in twenty
+    assert 0.5 < rotnet["bf16_link_agreement"] <= 1 and "bf16_link_agreement" not in finished
     last = read_metrics(tmp / "run")[-1]
     for key in ("positive_pairs", "pair_precision", "pair_recall"):
         assert finished[key] == pytest.approx(last[key], abs=0.03), key
