@@ -340,14 +340,14 @@ def test_reproduction_script_resumes_across_sessions_and_summarises_rotnet_only(
     """benchmarks/reproduce_lsdc.py: a session cut by --time-limit exits 3, the same command again
     finishes the run, and a --rotnet-only run's summary gives the rotation accuracy and the weights."""
     script = os.path.join("benchmarks", "reproduce_lsdc.py")
-    flags = ["--run-dir", str(tmp_path / "run"), "--", *BASE, "--rotnet-only", "--rotnet-epochs", "2",
+    flags = ["--run-dir", str(tmp_path / "run"), "--", *BASE, "--rotnet-only", "--rotnet-epochs", "1",
              "--rotnet-milestones", "--rotnet-dir", str(tmp_path / "rotnet")]
     cut = scripts.run_script(script, ["--time-limit", "3", *flags], tmp_path, timeout=300)
     assert cut.returncode == 3 and "run the same command again" in cut.stdout
     done = scripts.run_script(script, flags, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = read_json(tmp_path / "run" / "reproduction.json")
-    assert summary["sessions"] == 2 and summary["stages"]["rotnet"]["epochs"] == 2
+    assert summary["sessions"] == 2 and summary["stages"]["rotnet"]["epochs"] == 1
     assert summary["rotnet_test_rotation_acc"] == read_metrics(tmp_path / "run")[-1]["test_rotation_acc"]
     assert os.path.isfile(summary["rotnet_checkpoint"])
     assert "| RotNet | synthetic | test rotation accuracy" in done.stdout
