@@ -492,9 +492,10 @@ def score(logits, labels, num_clusters):
     """ACC (Hungarian), NMI, ARI of the head's argmax, LSD-C's confident-sample accuracy and share
     (max probability > 0.9, supplementary Fig. 1b), and the share of the smallest cluster."""
     probs = logits.softmax(1)
-    metrics = common.clustering_metrics(probs.argmax(1), labels, num_clusters)
+    pred = probs.argmax(1)
+    metrics = common.clustering_metrics(pred, labels, num_clusters)
     metrics["confident_acc"], metrics["confident_share"] = common.confident_accuracy(probs, labels, 0.9)
-    metrics["smallest_cluster"] = torch.bincount(probs.argmax(1), minlength=num_clusters).min().item() / len(probs)
+    metrics["smallest_cluster"] = torch.bincount(pred, minlength=num_clusters).min().item() / len(pred)
     return metrics
 
 
