@@ -61,11 +61,11 @@ def main():
                 s = lsdc.pairwise_labels(backbone(x), args)
             precision, recall = lsdc.pair_label_quality(s, labels)
             meter.add(positive_pairs=s.mean(), pair_precision=precision, pair_recall=recall)
-            if a.bf16_agreement:
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    s_bf16 = lsdc.pairwise_labels(backbone(x), args)
-                with torch.autocast(device.type, enabled=False):
-                    s_fp32 = lsdc.pairwise_labels(backbone(x), args)
+            if a.bf16_agreement:  # the links above are one of the two; compute only the other
+                trained_in_bf16 = args.amp and device.type == "cuda"
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not trained_in_bf16):
+                    other = lsdc.pairwise_labels(backbone(x), args)
+                s_bf16, s_fp32 = (s, other) if trained_in_bf16 else (other, s)
                 off_diagonal = 1.0 - torch.eye(len(x), device=x.device)
                 shared, either = s_bf16 * s_fp32 * off_diagonal, torch.maximum(s_bf16, s_fp32) * off_diagonal
                 meter.add(bf16_link_agreement=shared.sum() / either.sum().clamp(min=1))
