@@ -151,7 +151,8 @@ def parse_args(argv=None):
     g.add_argument("--crop-padding", type=int, help="RandomCrop padding of the training views")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     g = p.add_argument_group("RotNet pre-training (AutoNovel recipe)")
-    g.add_argument("--rotnet-epochs", type=int)
+    g.add_argument("--rotnet-epochs", type=int, help="0 = no pre-training: LSD-C on a randomly initialised "
+                   "network (a control, not in the paper)")
     g.add_argument("--rotnet-milestones", type=int, nargs="*")
     g.add_argument("--rotnet-lr", type=float)
     g.add_argument("--rotnet-gamma", type=float)
@@ -200,6 +201,8 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "rotnet_batch_size", "eval_batch_size", "width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rotnet_epochs < 0:
+        p.error("--rotnet-epochs must be 0 (no pre-training) or more")
     return args
 
 

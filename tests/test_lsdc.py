@@ -218,6 +218,7 @@ def run_script(args, cwd, timeout=600):
     (["--dataset", "reuters10k", "--mix", "ricap"], "reuters10k is vector data"),
     (["--dataset", "cifar10", "--frozen-blocks", "7"], "invalid choice"),
     (["--dataset", "synthetic", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--dataset", "synthetic", "--rotnet-epochs", "-1"], "--rotnet-epochs must be 0 (no pre-training) or more"),
     (["--kmeans-baseline", "--rotnet-only"], "exclude each other"),
 ])
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
@@ -306,6 +307,18 @@ def test_rotnet_cache_name_follows_the_pretraining_recipe():
     for flags in (["--rotnet-milestones", "2"], ["--rotnet-lr", "0.05"], ["--rotnet-batch-size", "64"],
                   ["--crop-padding", "2"], ["--no-flip"], ["--width", "16"], ["--seed", "1"]):
         assert path(*flags) != path(), flags
+
+
+def test_zero_rotnet_epochs_keeps_the_random_initialisation(tmp_path):
+    flags = [*BASE, "--rotnet-epochs", "0", "--rotnet-milestones", "--rotnet-only",
+             "--rotnet-dir", str(tmp_path / "rotnet"), "--out-dir", str(tmp_path / "run")]
+    lsdc.main(flags)
+    saved = torch.load(lsdc.rotnet_path(lsdc.parse_args(flags)), weights_only=True)
+    common.seed_everything(0)  # the seed lsdc.main starts from, before it builds the backbone
+    fresh = common.build_backbone("resnet18", 3, shortcut="pad", width=lsdc.PAPER_DEFAULTS["synthetic"]["width"])
+    assert saved.keys() == fresh.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no epoch was trained
 
 
 def test_kmeans_baseline_on_rotnet_features_is_below_lsdc(full_run):
