@@ -51,6 +51,7 @@ def main():
         backbone.load_state_dict(torch.load(a.rotnet, map_location=device, weights_only=True))
     augment, _ = lsdc.make_augment(args, data, device)
 
+    trained_in_bf16 = args.amp and device.type == "cuda"  # which of the two link sets lsdc.py uses
     model.train()  # BatchNorm as in training; its running statistics change but are not saved
     meter = common.Meter()
     order = common.epoch_order(len(data), args.seed, 0, device)
@@ -62,7 +63,6 @@ def main():
             precision, recall = lsdc.pair_label_quality(s, labels)
             meter.add(positive_pairs=s.mean(), pair_precision=precision, pair_recall=recall)
             if a.bf16_agreement:  # the links above are one of the two; compute only the other
-                trained_in_bf16 = args.amp and device.type == "cuda"
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not trained_in_bf16):
                     other = lsdc.pairwise_labels(backbone(x), args)
                 s_bf16, s_fp32 = (s, other) if trained_in_bf16 else (other, s)
@@ -70,7 +70,7 @@ def main():
                 shared, either = s_bf16 * s_fp32 * off_diagonal, torch.maximum(s_bf16, s_fp32) * off_diagonal
                 meter.add(bf16_link_agreement=shared.sum() / either.sum().clamp(min=1))
     print(json.dumps({"weights": a.run or a.rotnet, "dataset": args.dataset, "labeling": args.labeling,
-                      "batch_size": args.batch_size, "amp": args.amp and device.type == "cuda", **meter.averages()}))
+                      "batch_size": args.batch_size, "amp": trained_in_bf16, **meter.averages()}))
 
 
 if __name__ == "__main__":
