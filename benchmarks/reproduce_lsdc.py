@@ -68,6 +68,7 @@ def main():
         "dataset": saved["dataset"], "labeling": saved["labeling"], "command": "python lsdc.py " + " ".join(lsdc_args),
         "acc": final.get("acc"), "nmi": final.get("nmi"), "ari": final.get("ari"), "test_acc": final.get("test_acc"),
         "confident_acc": final.get("confident_acc"), "confident_share": final.get("confident_share"),
+        "median_confidence": final.get("median_confidence"),
         "rotnet_test_rotation_acc": rotation_acc, "rotnet_checkpoint": final.get("rotnet_checkpoint"),
         "wall_clock_seconds": sum(s["seconds"] for s in sessions), "sessions": len(sessions),
         "stages": {k: {"epochs": v["epochs"], "median_train_images_per_s": sorted(v["train_images_per_s"])[len(v["train_images_per_s"]) // 2]}

@@ -144,12 +144,15 @@ def test_test_split_scores_are_sliced_from_train_plus_test():
     sliced = lsdc.evaluate(model, everything, test, prepare, args)
     args.split = "train"
     separate = lsdc.evaluate(model, train, test, prepare, args)
-    for key in ("acc", "nmi", "ari", "confident_acc", "confident_share", "smallest_cluster"):
+    for key in ("acc", "nmi", "ari", "confident_acc", "confident_share", "median_confidence", "smallest_cluster"):
         assert sliced[f"test_{key}"] == pytest.approx(separate[f"test_{key}"], abs=1e-6), key
     assert np.array_equal(sliced["test_confusion"], separate["test_confusion"])
     logits, _ = common.extract_features(model, everything, prepare)
     counts = torch.bincount(logits.argmax(1), minlength=10)
     assert sliced["smallest_cluster"] == pytest.approx(counts.min().item() / len(everything))
+    top = logits.softmax(1).max(1).values.numpy()
+    assert sliced["median_confidence"] == pytest.approx(float(np.median(top)), abs=1e-6)
+    assert (top > sliced["median_confidence"]).mean() == pytest.approx(0.5, abs=1 / len(top))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,6 +352,22 @@ def test_pair_quality_script_reads_the_links_of_rotnet_and_of_a_run(full_run):
         assert finished[key] == pytest.approx(last[key], abs=0.03), key
 
 
+def test_confidence_script_evaluates_the_run_as_lsdc_does(full_run):
+    """benchmarks/lsdc_confidence.py on a finished run: its share above 0.9 and median are those of
+    the run's final evaluation, and sharper logits (scale > 1) can only raise the share."""
+    tmp, _ = full_run
+    result = scripts.run_script(os.path.join("benchmarks", "lsdc_confidence.py"), ["--run", str(tmp / "run")], tmp, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report, final = json.loads(result.stdout.strip().splitlines()[-1]), read_json(tmp / "run" / "final.json")
+    assert report["samples"] == 2500 and report["epoch"] == lsdc.PAPER_DEFAULTS["synthetic"]["epochs"] - 1
+    assert report["share_above"]["0.9"] == pytest.approx(final["confident_share"], abs=1e-6)
+    assert report["max_probability_quantiles"]["0.5"] == pytest.approx(final["median_confidence"], abs=1e-6)
+    quantiles, shares = list(report["max_probability_quantiles"].values()), list(report["share_above"].values())
+    assert quantiles == sorted(quantiles) and shares == sorted(shares, reverse=True)
+    scaled = report["share_above_0.9_logits_scaled"]
+    assert scaled["0.9"] <= report["share_above"]["0.9"] <= scaled["1.1"] <= scaled["1.2"]
+
+
 def test_reproduction_script_resumes_across_sessions_and_summarises_rotnet_only(tmp_path):
     """benchmarks/reproduce_lsdc.py: a session cut by --time-limit exits 3, the same command again
     finishes the run, and a --rotnet-only run's summary gives the rotation accuracy and the weights."""
@@ -376,7 +395,7 @@ def test_resume_after_kills_equals_uninterrupted_run(full_run):
     result = run_script(["--resume", run_dir], tmp)
     assert result.returncode == 0, result.stderr[-2000:]
     resumed, uninterrupted = read_json(os.path.join(run_dir, "final.json")), read_json(tmp / "run" / "final.json")
-    for key in ("acc", "nmi", "ari", "confusion", "test_acc", "confident_acc", "confident_share"):
+    for key in ("acc", "nmi", "ari", "confusion", "test_acc", "confident_acc", "confident_share", "median_confidence"):
         assert resumed[key] == uninterrupted[key], key
     lines = read_metrics(run_dir)
     assert [(m["stage"], m["epoch"]) for m in lines] == [(m["stage"], m["epoch"]) for m in read_metrics(tmp / "run")]
