@@ -503,7 +503,7 @@ def score(logits, labels, num_clusters):
     pred = probs.argmax(1)
     metrics = common.clustering_metrics(pred, labels, num_clusters)
     metrics["confident_acc"], metrics["confident_share"] = common.confident_accuracy(probs, labels, 0.9)
-    metrics["median_confidence"] = probs.max(1).values.float().quantile(0.5).item()
+    metrics["median_confidence"] = probs.max(1).values.quantile(0.5).item()
     metrics["smallest_cluster"] = torch.bincount(pred, minlength=num_clusters).min().item() / len(pred)
     return metrics
 
