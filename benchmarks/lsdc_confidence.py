@@ -38,8 +38,7 @@ def main():
         raise common.Abort(f"{a.run} has not reached the LSD-C stage (checkpoint stage {state['stage']!r})")
     model.load_state_dict(state["model"])
     _, prepare = lsdc.make_augment(args, data, device)
-    with torch.no_grad():
-        logits, _ = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
+    logits, _ = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
     top = logits.softmax(1).max(1).values
     top_scaled = {s: (logits * s).softmax(1).max(1).values for s in LOGIT_SCALES}
     print(json.dumps({
