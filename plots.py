@@ -112,14 +112,13 @@ def curve_data(run, keys, stage=None):
 
 def matched_confusion(counts):
     """Rows of a clusters x classes count matrix ordered by the class each cluster is matched to
-    (common.cluster_to_class: Hungarian, or majority with more clusters than classes; unmatched
-    clusters last), so the matched cells lie on the diagonal. Returns (ordered counts, the cluster
-    of each row, the class of each row, -1 if none, accuracy = matched samples / all samples)."""
+    (common.cluster_to_class: Hungarian, or majority with more clusters than classes), so the
+    matched cells lie on the diagonal. Returns (ordered counts, the cluster of each row, the class
+    of each row, accuracy = matched samples / all samples)."""
     counts = np.asarray(counts)
     classes = common.cluster_to_class(counts)
-    order = np.argsort(np.where(classes < 0, counts.shape[1], classes), kind="stable")
-    matched = sum(counts[k, c] for k, c in enumerate(classes) if c >= 0)
-    return counts[order], order, classes[order], matched / counts.sum()
+    order = np.argsort(classes, kind="stable")
+    return counts[order], order, classes[order], counts[np.arange(len(counts)), classes].sum() / counts.sum()
 
 
 def confusion_data(run, key="confusion"):
@@ -152,10 +151,10 @@ def halting_points(runs, key="probe_test_acc"):
     points = {}
     for run in runs:
         args, final = read_json(run, "args.json"), read_json(run, "final.json")
-        if key not in final:
-            raise Abort(f"{run}: no {key!r} in final.json; keys there: {', '.join(final)}")
         if "halt_clustering" not in args:
             raise Abort(f"{run}: args.json has no halt_clustering (not a DeepCluster run)")
+        if key not in final:
+            raise Abort(f"{run}: no {key!r} in final.json; keys there: {', '.join(final)}")
         halt = args["halt_clustering"]
         points.setdefault(args["cycles"] if halt is None else min(halt, args["cycles"]), []).append(final[key])
     return dict(sorted(points.items()))
@@ -189,20 +188,21 @@ def draw_curves(plt, args):
 
 
 def draw_confusion(plt, args):
-    counts, clusters, classes, acc = confusion_data(args.runs[0], args.key)
-    dataset = read_json(args.runs[0], "args.json").get("dataset") if run_file(args.runs[0], "args.json", False) else None
+    run = args.runs[0]
+    counts, clusters, classes, acc = confusion_data(run, args.key)
+    dataset = read_json(run, "args.json").get("dataset") if run_file(run, "args.json", required=False) else None
     names = CLASS_NAMES.get(dataset, ())
     names = names if len(names) == counts.shape[1] else range(counts.shape[1])
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * counts.shape[1], 1.2 + 0.5 * counts.shape[0]))
+    fig, ax = plt.subplots(figsize=(min(16, 1.5 + 0.6 * counts.shape[1]), min(16, 1.2 + 0.5 * counts.shape[0])))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if counts.size <= 400:
         for (k, c), n in np.ndenumerate(counts):
             ax.text(c, k, n, ha="center", va="center", fontsize=7, color="white" if share[k, c] > 0.5 else "black")
     ax.set_xticks(range(counts.shape[1]), names, rotation=45, ha="right")
-    ax.set_yticks(range(counts.shape[0]), [f"{k} -> {c}" if c >= 0 else f"{k}" for k, c in zip(clusters, classes)])
+    ax.set_yticks(range(counts.shape[0]), [f"{k} -> {names[c]}" for k, c in zip(clusters, classes)])
     ax.set(xlabel="class", ylabel="cluster -> matched class",
-           title=f"{run_name(args.runs[0])} {args.key}: ACC {100 * acc:.1f} %")
+           title=f"{run_name(run)} {args.key}: ACC {100 * acc:.1f} %")
     fig.colorbar(image, ax=ax, label="share of the cluster")
     return fig
 
