@@ -6,15 +6,22 @@ in its own file. Images are uint8 tensors (N, C, H, W) kept on the training devi
 works on float batches in [0, 1] with per-sample randomness drawn from torch's global generator,
 so `torch.manual_seed` makes it reproducible and checkpoints capture it.
 """
+import argparse
 import contextlib
 import datetime
+import fcntl
 import functools
+import glob
+import hashlib
 import json
 import math
 import os
 import pickle
 import random
+import re
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -34,14 +41,34 @@ class Abort(Exception):
         self.exit_code = exit_code
 
 
+# Exit codes of every method script: 0 finished, 1 training diverged, 2 usage error (bad flag,
+# missing file), 3 stopped on purpose and resumable (--time-limit, SIGTERM/SIGUSR1), 130 Ctrl-C.
+EXIT_STOPPED = 3
+
+
+class Stopped(Abort):
+    """The run stopped cleanly with a checkpoint (time limit or a scheduler's signal): exit code 3."""
+
+    def __init__(self, message):
+        super().__init__(message, EXIT_STOPPED)
+
+
 def run_main(main):
-    """Call `main()`, turning an Abort into a one-line message on stderr and its exit code, and
-    leaving the torchrun process group cleanly (gloo aborts at exit otherwise)."""
+    """Call `main()` as a command: an Abort becomes one line on stderr and its exit code, Ctrl-C one
+    line saying how to resume (exit 130), and the torchrun process group is left cleanly."""
+    prog = os.path.basename(sys.argv[0])
     try:
         main()
+    except Stopped as stop:
+        if rank() == 0:
+            print(f"{prog}: {stop}", flush=True)
+        sys.exit(stop.exit_code)
     except Abort as error:
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {Run.resume_hint()}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -821,28 +848,147 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
         return (head(x_test).argmax(1) == test_labels).float().mean().item()
 
 
-@torch.no_grad()
-def extract_features(model, data, transform, batch_size=1024, amp=True):
-    """Run `model` in eval mode over the whole dataset in order (`transform` maps a uint8 batch to
-    the network's input); returns float32 features (N, D) and labels, on the data's device."""
-    was_training = model.training
-    model.eval()
-    features, labels = [], []
-    device = data.labels.device
-    for _, images, y in data.batches(torch.arange(len(data)), batch_size):
-        with autocast(device, amp):
-            features.append(model(transform(images)).float())
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+# ================================================================================================
+# Command line (used by every method file): one-line errors, the defaults of the chosen dataset in
+# --help, range-checked flag types, the run flags and the resume policy
+# ================================================================================================
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends each flag's default, the value it takes for the chosen dataset, unless the help text
+    already says what the default is; lists are shown as they are typed."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, argparse.SUPPRESS)
+                or "default" in text.lower() or isinstance(action, argparse._HelpAction)):
+            return text
+        value = action.default
+        if isinstance(value, (list, tuple)):
+            value = " ".join(map(str, value)) or "none"
+        elif isinstance(value, bool):
+            value = "on" if value else "off"
+        return f"{text} (default: {str(value).replace('%', '%%')})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's conventions: defaults in --help, and a usage error is one line
+    (what is wrong, then a pointer to --help) with exit code 2, without the usage block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(cast, test, what):
+    """An argparse type: `cast` the text, then refuse values for which `test` is false."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
+non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed_int = _checked(int, lambda v: 0 <= v < 2 ** 32, "a seed in [0, 2^32)")  # numpy's seed range
+device_name = _checked(str, lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None,
+                       "a device: cpu, cuda or cuda:N")
+
+# Flags that may take a new value on --resume: these change how the run is executed, not what it
+# computes (on the CPU, in fp32). Each method adds the schedule flags it allows (e.g. --epochs to
+# extend a run, --lr to lower the learning rate after a divergence).
+RESUME_RUN_FLAGS = ("device", "amp", "compile", "deterministic", "eval_batch_size", "time_limit",
+                    "log_every", "tensorboard", "data_dir")
+
+
+def add_run_arguments(parser, method):
+    """The run flags, the same in every method file."""
+    g = parser.add_argument_group("run (the same flags in every method file)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the initial network, the data order and the augmentation")
+    g.add_argument("--device", type=device_name,
+                   help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (the CPU always computes in fp32)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training network (faster on a GPU after a warm-up)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="deterministic kernels (slower on a GPU)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=1024,
+                   help="images per batch when computing features for evaluation")
+    g.add_argument("--out-dir", metavar="DIR",
+                   help=f"run directory (default: runs/{method}__<dataset>__<seed>__<time>); "
+                   "it must not hold a run already")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR with its saved settings; only the flags named "
+                   "in the epilog may take new values")
+    g.add_argument("--time-limit", type=positive_float, metavar="MIN",
+                   help="stop at the last epoch boundary that fits in MIN minutes (judged from the "
+                   f"epochs so far), with a checkpoint, and exit with code {EXIT_STOPPED} "
+                   "(default: no limit)")
+    g.add_argument("--log-every", type=positive_float, default=60.0, metavar="S",
+                   help="seconds between progress lines inside an epoch")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="also log every metric to TensorBoard in the run directory "
+                   "(pip install tensorboard)")
+
+
+def resume_epilog(resumable):
+    """The epilog sentence that states the resume policy of a method file."""
+    flags = ", ".join("--" + k.replace("_", "-") for k in (*resumable, *RESUME_RUN_FLAGS))
+    return (f"--resume DIR keeps the run's settings; only {flags} may take new values. Exit codes: "
+            f"0 done, 1 diverged, 2 usage error, {EXIT_STOPPED} stopped and resumable, 130 Ctrl-C.")
+
+
+def parse_arguments(parser, argv, script, check, resumable=()):
+    """Parse `argv`. A new run's arguments pass through `check(parser, args)`, which calls
+    parser.error for invalid combinations. With --resume DIR the settings saved in DIR/args.json
+    are used; flags given beside --resume must be in RESUME_RUN_FLAGS or `resumable` (else exit 2
+    naming them), and the changes are kept in `args.resume_changes` {name: (old, new)}."""
+    args = parser.parse_args(argv)
+    args.script = script
+    if not args.resume:
+        check(parser, args)
+        return args
+    unset = object()
+    dests = vars(parser.parse_args([]))
+    given = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset))))
+    saved = Run.saved_args(args.resume, script, dests)
+    changes = {k: (saved[k], v) for k, v in given.items()
+               if v is not unset and k not in ("resume", "script") and v != saved.get(k)}
+    refused = [k for k in changes if k not in (*RESUME_RUN_FLAGS, *resumable)]
+    if refused:
+        parser.error(f"--resume keeps the run's settings, so {', '.join('--' + k.replace('_', '-') for k in refused)} "
+                     "cannot change; start a new run instead")
+    args = argparse.Namespace(**{**saved, **{k: new for k, (_, new) in changes.items()}, "resume": args.resume})
+    args.resume_changes = changes
+    check(parser, args)
+    return args
+
+
+def peek_dataset(argv, default):
+    """The --dataset of `argv` before the full parse, so that --help shows that dataset's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default=default)
+    return pre.parse_known_args(argv)[0].dataset
 
 
 # ================================================================================================
-# Run plumbing: seeding, devices, run directory, logging, checkpoints, divergence guard
+# Run plumbing (used by every method file): seeding, devices, run directory, logging, checkpoints,
+# resume, time limit and signals, divergence guard
 # ================================================================================================
 def seed_everything(seed, deterministic=False):
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -856,13 +1002,20 @@ def setup_device(name=None):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise Abort("--device cuda was asked for but no GPU is visible; use --device cpu")
+            raise Abort(f"--device {name} was asked for but no GPU is visible; use --device cpu")
         if name == "cuda":
             name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if torch.device(name).index >= torch.cuda.device_count():
+            raise Abort(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(name)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def memory_format(device):
+    """channels_last on CUDA (faster convolutions with bf16), the default layout on the CPU."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
 def autocast(device, enabled=True):
@@ -873,10 +1026,68 @@ def autocast(device, enabled=True):
     return contextlib.nullcontext()
 
 
+def wrap_model(raw_model, device, compile=False):
+    """What the training loop calls: DistributedDataParallel under torchrun, then torch.compile
+    when asked. Checkpoints save `raw_model`."""
+    model = raw_model
+    if dist.is_initialized():
+        ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if compile else model
+
+
+def check_batch_size(flag, batch_size, n, what):
+    """Refuse a batch that leaves an epoch without a single step (the last incomplete global
+    batch is dropped), before any training."""
+    if batch_size * world_size() > n:
+        processes = f" x {world_size()} processes" if world_size() > 1 else ""
+        raise Abort(f"{flag} {batch_size}{processes} is larger than {what} ({n} samples): no training "
+                    f"step would run; lower {flag}")
+
+
+def check_writable(folder, flag):
+    """Create `folder` when needed and check that a file can be written there, before training
+    starts (so that a long stage does not end on a path it cannot write)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise Abort(f"{flag} {folder}: cannot write there ({error.strerror}); choose another folder") from None
+
+
+def _remove_stale_temporaries(path):
+    """Delete `path`.tmp<pid> files left by processes that died while writing (kill -9)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for other in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".tmp*")):
+        pid = other.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.remove(other)
+            except PermissionError:
+                pass
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file, and
+    temporaries of writers that were killed are removed."""
+    _remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -898,96 +1109,341 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fingerprint(data):
+    """A short digest that identifies a dataset's content, for caches of derived files (a
+    pre-trained network must not be reused for other data under the same dataset name): the sizes,
+    the labels and a strided sample of the images; a folder dataset by its path and file list."""
+    h = hashlib.sha1(f"{data.name}:{len(data)}:{data.num_classes}".encode())
+    if isinstance(data, FolderImages):
+        h.update(os.path.abspath(data.folder.root).encode())
+        h.update("\n".join(path for path, _ in data.folder.samples).encode())
+    else:
+        h.update(data.labels.cpu().numpy().tobytes())
+        h.update(data.images[::max(1, len(data) // 256)].cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def format_seconds(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def _load_object(obj, saved):
+    """Restore one named checkpoint object in place: modules, optimizers and schedulers through
+    load_state_dict, tensors by copy, dicts by update."""
+    if hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(saved)
+    elif torch.is_tensor(obj):
+        obj.copy_(saved)
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    else:
+        raise TypeError(f"cannot restore a {type(obj).__name__} in place")
+
+
+def _scale_learning_rate(objects, factor):
+    """A learning rate lowered on --resume: scale every optimizer's groups and every scheduler's
+    base rates, so the schedule continues from where it was at the new scale."""
+    for obj in objects.values():
+        if isinstance(obj, torch.optim.Optimizer):
+            for group in obj.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+        elif isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+            obj.base_lrs = [lr * factor for lr in obj.base_lrs]
+            obj._last_lr = [lr * factor for lr in obj.get_last_lr()]
+
+
 class Run:
     """A run directory: args.json, metrics.jsonl (one line per epoch), checkpoint.pt, final.json.
-    New runs go to runs/<method>__<dataset>__<seed>__<time>/ (or `out_dir`, which must not hold a
-    run already); `resume` reopens a directory, drops metric lines past its checkpoint and returns
-    its checkpoint from `load_checkpoint`. Only rank 0 writes."""
 
-    def __init__(self, method, args, out_dir=None, resume=None):
-        self.main = rank() == 0
-        if resume:
-            self.path = resume
-            if not os.path.isfile(os.path.join(resume, "checkpoint.pt")):
-                raise Abort(f"--resume {resume}: no checkpoint.pt there")
-        else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.path = out_dir or os.path.join("runs", f"{method}__{args.dataset}__{args.seed}__{stamp}")
-            if os.path.exists(os.path.join(self.path, "checkpoint.pt")):
-                raise Abort(f"{self.path} already holds a run; continue it with --resume {self.path} "
-                            "or choose another --out-dir")
-            if self.main:
-                os.makedirs(self.path, exist_ok=True)
-                with open(os.path.join(self.path, "args.json"), "w") as f:
-                    json.dump(vars(args), f, indent=2)
-        self.start, self.writer = time.time(), None
-        self.start_stage("train", 1)
+    A new run claims runs/<method>__<dataset>__<seed>__<time>/ (or --out-dir) atomically: a folder
+    that holds any run file is refused, and of two runs started together exactly one gets it.
+    A lock held for the life of the process keeps a second process (a resume) out of a live run.
+    --resume reopens a directory, repairs a half-written metrics line, drops the lines past its
+    checkpoint and keeps the checkpoint for `resume()`. Only rank 0 writes.
+
+    In the training loop: `start = run.resume(stage, epochs, **objects)` names what a checkpoint
+    holds and restores it; `run.batches(...)` yields an epoch's batches, prints progress and stops
+    at a step boundary on SIGTERM/SIGUSR1; `run.end_epoch(...)` logs, checkpoints, and stops when
+    the next epoch would not fit in --time-limit."""
+
+    FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "final.json")
+    active = None  # the run of this process, for the Ctrl-C message
+
+    def __init__(self, method, args):
+        self.main, self.args, self.script = rank() == 0, args, f"{method}.py"
+        self.state, self.stage, self.objects, self.writer = None, None, {}, None
+        self.resume_step = self.resume_meter = self.stop_signal = None
+        self.lr_flag, self.path, error = "lr", None, None
         if self.main:
             try:
+                self.path = self._reopen(args) if args.resume else self._claim(method, args)
+            except Abort as abort:
+                error, self.path = str(abort), None
+        if dist.is_initialized():  # every rank learns the directory rank 0 claimed, or its error
+            shared = [self.path if self.main else None, error]
+            dist.broadcast_object_list(shared, 0)
+            self.path, error = shared
+        if error:
+            raise Abort(error)
+        if args.resume:
+            self.state = torch.load(self.file("checkpoint.pt"), map_location="cpu", weights_only=False)
+            if self.main:
+                self._repair_metrics()
+        self.has_checkpoint = self.state is not None
+        self.start = time.time()
+        if self.main and args.tensorboard:
+            try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(self.path)
             except ImportError:
-                pass
+                raise Abort("--tensorboard needs TensorBoard: pip install tensorboard") from None
+            self.writer = SummaryWriter(self.path)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+        Run.active = self
+
+    # -- the directory ---------------------------------------------------------------------------
+    def _claim(self, method, args):
+        if args.out_dir:
+            return self._claim_one(args.out_dir, args)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = os.path.join("runs", f"{method}__{args.dataset}__{args.seed}__{stamp}")
+        for i in range(1, 100):  # runs started in the same second get -2, -3, ...
+            path = base if i == 1 else f"{base}-{i}"
+            try:
+                return self._claim_one(path, args)
+            except FileExistsError:
+                continue
+        raise Abort(f"could not claim a run directory next to {base}; pass --out-dir")
+
+    def _claim_one(self, path, args):
+        try:
+            os.makedirs(path, exist_ok=True)
+            if any(os.path.exists(os.path.join(path, f)) for f in self.FILES):
+                raise FileExistsError
+            fd = os.open(os.path.join(path, "args.json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if args.out_dir:
+                raise Abort(f"{path} already holds a run; continue it with --resume {path} or choose "
+                            "another --out-dir") from None
+            raise
+        except OSError as error:
+            raise Abort(f"cannot create the run directory {path} ({error.strerror}); choose another "
+                        "--out-dir") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(vars(args), f, indent=2)
+        self._lock(path)
+        return path
+
+    def _reopen(self, args):
+        path = args.resume
+        if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+            raise Abort(f"--resume {path}: no checkpoint.pt there (the run stopped before its first "
+                        "checkpoint, or it has none to resume: start it again)")
+        self._lock(path)
+        if args.resume_changes:
+            atomic_write_json({k: v for k, v in vars(args).items() if k != "resume_changes"},
+                              os.path.join(path, "args.json"))
+        _remove_stale_temporaries(os.path.join(path, "checkpoint.pt"))
+        return path
+
+    def _lock(self, path):
+        self._lock_file = open(os.path.join(path, ".lock"), "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Abort(f"another process is running the run in {path}; wait for it to end") from None
 
     @staticmethod
-    def saved_args(path):
-        """The arguments a run was started with (to resume it with the same settings)."""
+    def saved_args(path, script, defaults):
+        """The settings a run was started with, checked to be a complete run of `script` (every
+        flag in `defaults`); run flags missing from older runs take their default."""
         try:
             with open(os.path.join(path, "args.json")) as f:
-                return json.load(f)
+                saved = json.load(f)
         except (OSError, ValueError) as error:
-            raise Abort(f"--resume {path}: cannot read args.json ({error})")
+            raise Abort(f"--resume {path}: cannot read args.json ({error})") from None
+        made_by = saved.get("script") if isinstance(saved, dict) else None
+        if made_by and made_by != script:
+            raise Abort(f"{path} is a run of {made_by}; continue it with python {made_by} --resume {path}")
+        if not isinstance(saved, dict) or "dataset" not in saved:
+            raise Abort(f"--resume {path}: args.json does not hold the settings of a {script} run")
+        missing = [k for k in defaults if k not in saved and k not in RESUME_RUN_FLAGS]
+        if missing:
+            raise Abort(f"--resume {path}: args.json lacks --{missing[0].replace('_', '-')} and "
+                        f"{len(missing) - 1} more settings: it is not a run of this {script}")
+        return {**{k: v for k, v in defaults.items() if k in RESUME_RUN_FLAGS}, **saved}
 
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def load_checkpoint(self, map_location="cpu"):
-        path = self.file("checkpoint.pt")
-        if not os.path.isfile(path):
-            return None
-        state = torch.load(path, map_location=map_location, weights_only=False)
-        if self.main and os.path.exists(self.file("metrics.jsonl")):
-            with open(self.file("metrics.jsonl")) as f:
-                lines = f.readlines()
-            # keep everything up to the checkpoint's own line (stage and epoch)
-            ends = [i for i, line in enumerate(lines) if (json.loads(line)["stage"], json.loads(line)["epoch"])
-                    == (state.get("stage"), state["epoch"])]
-            lines = lines[:ends[-1] + 1] if ends else lines
-            with open(self.file("metrics.jsonl"), "w") as f:
-                f.writelines(lines)
-        return state
+    def _repair_metrics(self):
+        """Keep the metric lines up to the checkpoint's last finished epoch; a line cut by a crash is
+        dropped."""
+        path = self.file("metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        stage, last = self.state["stage"], self.state["epoch"] - (self.state.get("step") is not None)
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    m = json.loads(line)
+                except ValueError:
+                    continue
+                if m.get("stage") == stage and m.get("epoch", -1) > last:
+                    break
+                kept.append(json.dumps(m) + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
-    def save_checkpoint(self, state):
-        """Write `state` plus every rank's RNG states (a collective under torchrun)."""
+    @classmethod
+    def resume_hint(cls):
+        run = cls.active
+        if run is None or not run.has_checkpoint:
+            return "no checkpoint was written: start the run again"
+        return f"continue with: python {run.script} --resume {run.path}"
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def resumed_stage(self):
+        """The stage of the checkpoint being resumed (None for a new run or once it is restored)."""
+        return self.state["stage"] if self.state else None
+
+    @property
+    def inside_epoch(self):
+        """Whether the run resumes inside an epoch (until `batches` has skipped what it trained)."""
+        return self.resume_step is not None
+
+    def resume(self, stage, epochs, lr_flag="lr", **objects):
+        """Begin `stage` (of `epochs` epochs) with the named objects that its checkpoints hold:
+        anything with a state_dict (models, optimizers, schedulers), tensors and dicts. When the run
+        being resumed stopped inside this stage, restore them and every rank's RNG, apply a new
+        `lr_flag` given on --resume, and return the epoch to continue from; else return 0."""
+        self.start_stage(stage, epochs)
+        self.objects, self.lr_flag = objects, lr_flag
+        if self.resumed_stage != stage:
+            return 0
+        state, self.state = self.state, None
+        for name, obj in objects.items():
+            _load_object(obj, state["objects"][name])
+        old, new = self.args.resume_changes.get(lr_flag, (None, None))
+        if old:
+            _scale_learning_rate(objects, new / old)
+        set_rng_state(state["rng"])
+        if state.get("step") is not None:  # stopped inside an epoch: `batches` skips what it trained
+            self.resume_step, self.resume_meter = state["step"], state["meter"]
+            start = state["epoch"]
+        else:
+            start = state["epoch"] + 1
+        if start > epochs:
+            raise Abort(f"the run has trained {start} epochs of {stage}; --epochs cannot be lower than that")
+        return start
+
+    def start_stage(self, stage, epochs):
+        """Name the stage that log lines are tagged with; its ETA counts from now."""
+        self.stage, self.epochs, self.objects = stage, epochs, {}
+        self.epoch_seconds, self.epoch_end = [], time.time()
+
+    def save_checkpoint(self, epoch, step=None, meter=None):
+        """Write the stage's named objects (state_dict() of those that have one, tensors and dicts as
+        they are), the position (epoch; step inside it when stopped mid-epoch, with the meter) and
+        every rank's RNG states. A collective under torchrun."""
         rngs = [rng_state()]
         if dist.is_initialized():
             rngs = [None] * world_size()
             dist.all_gather_object(rngs, rng_state())
         if self.main:
-            atomic_save({**state, "rng": rngs}, self.file("checkpoint.pt"))
+            objects = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.objects.items()}
+            atomic_save({"stage": self.stage, "epoch": epoch, "step": step, "objects": objects, "rng": rngs,
+                         "meter": meter.state_dict() if meter else None}, self.file("checkpoint.pt"))
+        self.has_checkpoint = True
 
+    # -- the training loop -----------------------------------------------------------------------
+    def _request_stop(self, signum, frame):
+        self.stop_signal = signum
+
+    def _stop_requested(self, step):
+        """A signal arrived (checked every step; under torchrun all ranks agree every 16 steps)."""
+        if not dist.is_initialized():
+            return self.stop_signal is not None
+        if step % 16:
+            return False
+        return bool(_any_rank(self.stop_signal is not None))
+
+    def batches(self, data, batch_size, epoch, meter, order=None, random_crop=False):
+        """This rank's (indices, uint8 images, labels) for each step of an epoch (`order`: the
+        epoch's global index order, default `epoch_order` of the seed and epoch). Between steps it
+        prints progress at most every --log-every seconds (no device sync), and after SIGTERM or
+        SIGUSR1 it checkpoints the position inside the epoch (with `meter`) and stops with exit
+        code 3; the resumed run skips the steps already trained and ends where an uninterrupted one
+        ends."""
+        first = 0
+        if self.resume_step is not None:
+            first, self.resume_step = self.resume_step, None
+            meter.load_state_dict(self.resume_meter)
+        steps = EpochBatches(data, batch_size, self.args.seed, epoch, order, random_crop, first)
+        total, images = len(steps), 0
+        start = last_print = time.time()
+        for step, (idx, x, y) in enumerate(steps, first):
+            yield idx, x, y
+            images += len(idx) * world_size()
+            if self._stop_requested(step):
+                self.save_checkpoint(epoch, step + 1, meter)
+                name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
+                raise Stopped(f"stopped by {name} after step {step + 1}/{total} of {self.stage} epoch "
+                              f"{epoch + 1}, with a checkpoint; {self.resume_hint()}")
+            now = time.time()
+            if now - last_print >= self.args.log_every and self.main:
+                rate = images / (now - start)
+                eta = (total - step - 1) * (now - start) / (step + 1 - first)
+                print(f"{self.stage} epoch {epoch + 1}/{self.epochs} step {step + 1}/{total} | "
+                      f"{rate:,.0f} img/s | epoch eta {format_seconds(eta)}", flush=True)
+                last_print = now
+
+    def end_epoch(self, epoch, metrics, images, seconds):
+        """Log the epoch, checkpoint it, and stop (exit code 3) when --time-limit would be passed
+        before the next epoch ends, judged from the longest epoch of this session."""
+        self.log(epoch, metrics, images, seconds)
+        self.save_checkpoint(epoch)
+        now = time.time()
+        self.epoch_seconds.append(now - self.epoch_end)
+        self.epoch_end = now
+        limit = self.args.time_limit
+        if limit and epoch + 1 < self.epochs:
+            late = now + max(self.epoch_seconds) > self.start + 60 * limit
+            if _any_rank(late):
+                raise Stopped(f"stopped at the time limit ({limit:g} min) after {self.stage} epoch "
+                              f"{epoch + 1}/{self.epochs}, with a checkpoint; {self.resume_hint()}")
+
+    def diverged(self, what, epoch):
+        """The message of a NaN/inf stop: where, what is kept, what to do."""
+        where = f" at epoch {epoch + 1}" if epoch is not None else ""
+        flag = "--" + self.lr_flag.replace("_", "-")
+        if self.has_checkpoint:
+            return (f"{what}{where}: training diverged; the last good checkpoint is kept in {self.path}: "
+                    f"continue with a lower learning rate: python {self.script} --resume {self.path} {flag} LR")
+        return (f"{what}{where}: training diverged before any checkpoint was written; start again "
+                f"with a lower {flag} (or --no-amp)")
+
+    # -- logging ---------------------------------------------------------------------------------
     def print(self, message):
         """Print on the main process only."""
         if self.main:
             print(message, flush=True)
 
-    def start_stage(self, name, epochs, first_epoch=0):
-        """Begin a training stage (its name tags the log lines; its ETA counts from now)."""
-        self.stage, self.epochs, self.first_epoch, self.stage_start = name, epochs, first_epoch, time.time()
-
     def log(self, epoch, metrics, images, seconds):
         """Print one line and append it to metrics.jsonl; `images` were trained on in `seconds`."""
         if not self.main:
             return
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["images_per_s"] = images / max(seconds, 1e-9)
-        elapsed = time.time() - self.stage_start
-        eta = elapsed / (epoch + 1 - self.first_epoch) * (self.epochs - epoch - 1)
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "images_per_s")
+        eta = (time.time() - self.epoch_end + sum(self.epoch_seconds)) / (len(self.epoch_seconds) + 1) \
+            * (self.epochs - epoch - 1)
         print(f"{self.stage} epoch {epoch + 1}/{self.epochs} | {shown} | {metrics['images_per_s']:,.0f} img/s | "
               f"elapsed {format_seconds(time.time() - self.start)} | eta {format_seconds(eta)}", flush=True)
         with open(self.file("metrics.jsonl"), "a") as f:
@@ -997,11 +1453,18 @@ class Run:
                 self.writer.add_scalar(f"{self.stage}/{k}", v, epoch)
 
     def finish(self, metrics):
+        """Write final.json (atomically) with the run's result, and release the run."""
         if self.main:
-            with open(self.file("final.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
-            if self.writer:
-                self.writer.close()
+            atomic_write_json(metrics, self.file("final.json"))
+        self.close()
+
+    def close(self):
+        """Release the run's lock (the end of the process does it too) and the TensorBoard writer."""
+        if self.writer:
+            self.writer.close()
+        if getattr(self, "_lock_file", None):
+            self._lock_file.close()
+            self._lock_file = None
 
 
 class Meter:
@@ -1017,6 +1480,12 @@ class Meter:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def state_dict(self):
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state):
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
     def averages(self, epoch=None, run=None):
         if not self.sums:
             return {}
@@ -1024,15 +1493,14 @@ class Meter:
         values = dict(zip(self.sums, totals.tolist()))
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
-            where = f" at epoch {epoch + 1}" if epoch is not None else ""
-            kept = f"; the last good checkpoint is kept in {run.path}" if run else ""
-            raise Abort(f"{bad[0]} became {values[bad[0]]}{where}: training diverged{kept}. "
-                        "Lower --lr (or try --no-amp) and start again or --resume", exit_code=1)
+            what = f"{bad[0]} became {values[bad[0]]}"
+            message = run.diverged(what, epoch) if run else f"{what}: training diverged"
+            raise Abort(message, exit_code=1)
         return values
 
 
 # ================================================================================================
-# Distributed (torchrun): every helper is a no-op in a single process
+# Distributed (torchrun; used by every method file): every helper is a no-op in a single process
 # ================================================================================================
 def init_distributed(device):
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
@@ -1056,6 +1524,14 @@ def all_reduce_sum(tensor):
 
 def all_reduce_mean(tensor):
     return all_reduce_sum(tensor) / world_size()
+
+
+def _any_rank(flag):
+    """True when `flag` is true on any rank (one small collective)."""
+    if not dist.is_initialized():
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
 def all_gather_cat(tensor):
@@ -1083,8 +1559,39 @@ def shard_batches(order, batch_size):
     return order[:n_batches * batch_size * world].view(n_batches, world, batch_size)[:, rank()]
 
 
-def wrap_ddp(model, device):
-    if not dist.is_initialized():
-        return model
-    ids = [device.index] if torch.device(device).type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+class EpochBatches:
+    """This rank's batches of one epoch, (indices, uint8 images, labels) each: the global `order`
+    (default: `epoch_order(len(data), seed, epoch)`) cut into global batches, this rank's slice of
+    each, starting at step `first`. `len()` is the number of steps of the whole epoch."""
+
+    def __init__(self, data, batch_size, seed, epoch, order=None, random_crop=False, first=0):
+        if order is None:
+            order = epoch_order(len(data), seed, epoch, data.labels.device)
+        self.steps = shard_batches(order.to(data.labels.device), batch_size)
+        self.data, self.batch_size, self.random_crop, self.first = data, batch_size, random_crop, first
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __iter__(self):
+        return self.data.batches(self.steps[self.first:].flatten(), self.batch_size, self.random_crop)
+
+
+@torch.no_grad()
+def extract_features(model, data, transform, batch_size=1024, amp=True):
+    """`model(transform(images))` over the whole dataset in order, as float32 (N, D), and the labels
+    (N,), on the data's device. A module runs in eval mode (its mode is restored after). Under
+    torchrun each rank computes one slice (the last padded with repeats) and the slices are
+    gathered, so every rank returns all N rows."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    n, per_rank = len(data), -(-len(data) // world_size())
+    order = torch.arange(rank() * per_rank, (rank() + 1) * per_rank).clamp(max=n - 1)
+    features, device = [], data.labels.device
+    for _, images, _ in data.batches(order, batch_size):
+        with autocast(device, amp):
+            features.append(model(transform(images)).float())
+    if was_training:
+        model.train()
+    return all_gather_cat(torch.cat(features))[:n], data.labels
