@@ -36,8 +36,8 @@ def main():
     state = torch.load(os.path.join(a.run, "checkpoint.pt"), map_location=device, weights_only=False)
     if state["stage"] != "lsdc":
         raise common.Abort(f"{a.run} has not reached the LSD-C stage (checkpoint stage {state['stage']!r})")
-    model.load_state_dict(state["model"])
-    _, prepare = lsdc.make_augment(args, data, device)
+    model.load_state_dict(state["objects"]["model"])
+    _, prepare = lsdc.make_transforms(args, data, device)
     logits, _ = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
     top = logits.softmax(1).max(1).values
     top_scaled = {s: (logits * s).softmax(1).max(1).values for s in LOGIT_SCALES}

@@ -46,17 +46,16 @@ def main():
         state = torch.load(os.path.join(a.run, "checkpoint.pt"), map_location=device, weights_only=False)
         if state["stage"] != "lsdc":
             raise common.Abort(f"{a.run} has not reached the LSD-C stage (checkpoint stage {state['stage']!r})")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["objects"]["model"])
     else:
         backbone.load_state_dict(torch.load(a.rotnet, map_location=device, weights_only=True))
-    augment, _ = lsdc.make_augment(args, data, device)
+    augment, _ = lsdc.make_transforms(args, data, device)
 
     trained_in_bf16 = args.amp and device.type == "cuda"  # which of the two link sets lsdc.py uses
     model.train()  # BatchNorm as in training; its running statistics change but are not saved
     meter = common.Meter()
-    order = common.epoch_order(len(data), args.seed, 0, device)
     with torch.no_grad():
-        for _, images, labels in data.batches(common.shard_batches(order, args.batch_size).flatten(), args.batch_size):
+        for _, images, labels in common.EpochBatches(data, args.batch_size, args.seed, 0):
             x = augment(images)
             with common.autocast(device, args.amp):  # as lsdc.py trains
                 s = lsdc.pairwise_labels(backbone(x), args)
