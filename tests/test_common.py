@@ -1,8 +1,11 @@
 """Unit tests of common.py: metrics, kNN / linear probe, augmentations, backbones, data, plumbing."""
+import argparse
 import itertools
+import json
 import math
 import os
 import pickle
+import random
 import shutil
 import socket
 
@@ -508,66 +511,139 @@ def test_real_cifar100_20_test_split():
 # ------------------------------------------------------------------------------------------------
 # Run plumbing
 # ------------------------------------------------------------------------------------------------
-class Args:
-    dataset, seed = "synthetic", 3
+def run_args(tmp_path, name="r"):
+    """The arguments common.Run reads, as a method's parse_args makes them (name None: the default
+    run directory)."""
+    return argparse.Namespace(dataset="synthetic", seed=3, out_dir=name and str(tmp_path / name), resume=None,
+                              time_limit=None, log_every=60.0, tensorboard=False, lr=0.1, epochs=5, resume_changes={})
 
 
-def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
-    run = common.Run("test", Args(), out_dir=str(tmp_path / "run"))
+def resume_args(path, **changes):
+    return argparse.Namespace(dataset="synthetic", seed=3, out_dir=None, resume=str(path), time_limit=None,
+                              log_every=60.0, tensorboard=False, lr=0.1, epochs=5,
+                              resume_changes={k: (None, v) for k, v in changes.items()})
+
+
+def test_checkpoint_round_trip_restores_every_named_object_and_the_rng(tmp_path):
+    run = common.Run("test", run_args(tmp_path))
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.5)
+    bank, extra = torch.randn(5, 3), {"centre": torch.ones(2), "count": 7}
+    assert run.resume("stage", 5, model=model, optimizer=opt, scheduler=sched, bank=bank, extra=extra) == 0
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    run.save_checkpoint({"epoch": 4, "stage": "x", "model": model.state_dict(), "optimizer": opt.state_dict()})
-    expected = (torch.rand(3), np.random.rand(2), __import__("random").random())
+    sched.step()
+    run.save_checkpoint(4)
+    expected = (torch.rand(3), np.random.rand(2), random.random())
+    saved = {k: v.clone() for k, v in model.state_dict().items()}, bank.clone(), dict(extra)
+    run.close()
+
     torch.manual_seed(123)
     np.random.seed(5)
-    resumed = common.Run("test", Args(), resume=run.path)
-    state = resumed.load_checkpoint()
-    common.set_rng_state(state["rng"])
-    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
-    assert __import__("random").random() == expected[2]
+    resumed = common.Run("test", resume_args(run.path))
     model2 = torch.nn.Linear(4, 2)
-    model2.load_state_dict(state["model"])
-    assert torch.equal(model2.weight, model.weight) and state["epoch"] == 4
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
-    opt2.load_state_dict(state["optimizer"])
+    sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, [1], 0.5)
+    bank2, extra2 = torch.zeros(5, 3), {}
+    assert resumed.resumed_stage == "stage"
+    assert resumed.resume("stage", 7, model=model2, optimizer=opt2, scheduler=sched2, bank=bank2, extra=extra2) == 5
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+    assert random.random() == expected[2]
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in saved[0].items())
+    assert torch.equal(bank2, saved[1]) and extra2.keys() == saved[2].keys() and extra2["count"] == 7
+    assert torch.equal(extra2["centre"], saved[2]["centre"])
     assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert sched2.get_last_lr() == [0.05]
     assert not [f for f in os.listdir(run.path) if ".tmp" in f]  # atomic write left no temp file
+    resumed.close()
+    with pytest.raises(common.Abort, match="has trained 5 epochs of stage"):
+        common.Run("test", resume_args(run.path)).resume("stage", 4, model=model2)
 
 
-def test_new_run_refuses_a_directory_holding_a_run(tmp_path):
-    run = common.Run("test", Args(), out_dir=str(tmp_path / "r"))
-    run.save_checkpoint({"epoch": 0})
+def test_a_learning_rate_lowered_on_resume_scales_the_schedule(tmp_path):
+    def schedule(lr):
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        return model, opt, torch.optim.lr_scheduler.MultiStepLR(opt, [2, 4], 0.1)
+    run = common.Run("test", run_args(tmp_path))
+    model, opt, sched = schedule(0.1)
+    run.resume("s", 6, model=model, optimizer=opt, scheduler=sched)
+    for _ in range(3):
+        sched.step()
+    run.save_checkpoint(2)  # lr 0.1 -> 0.01 at epoch 2
+    run.close()
+    resumed = common.Run("test", resume_args(run.path, lr=0.02))
+    resumed.args.resume_changes = {"lr": (0.1, 0.02)}
+    model, opt, sched = schedule(0.02)
+    resumed.resume("s", 6, model=model, optimizer=opt, scheduler=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.002)  # 0.02 x 0.1: the point of the schedule kept
+    sched.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0002)
+
+
+def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
+    first = common.Run("test", run_args(tmp_path))
     with pytest.raises(common.Abort, match="already holds a run"):
-        common.Run("test", Args(), out_dir=str(tmp_path / "r"))
-    with pytest.raises(common.Abort, match="no checkpoint.pt"):
-        common.Run("test", Args(), resume=str(tmp_path / "elsewhere"))
+        common.Run("test", run_args(tmp_path))  # even before its first checkpoint
+    for name in ("metrics.jsonl", "final.json", "checkpoint.pt"):  # any run file marks a run
+        os.makedirs(tmp_path / name[:5])
+        (tmp_path / name[:5] / name).write_text("{}")
+        with pytest.raises(common.Abort, match="already holds a run"):
+            common.Run("test", run_args(tmp_path, name[:5]))
+        assert (tmp_path / name[:5] / name).read_text() == "{}"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(common.Abort, match="cannot create the run directory"):
+        common.Run("test", run_args(tmp_path, "file/run"))
+    monkeypatch.chdir(tmp_path)
+    default = [common.Run("test", run_args(tmp_path, None)).path for _ in range(3)]
+    assert len(set(default)) == 3  # runs started in the same second get their own directories
+    first.save_checkpoint(0)
+    with pytest.raises(common.Abort, match="another process is running the run"):
+        common.Run("test", resume_args(first.path))  # the lock of a live run
 
 
-def test_resume_drops_metric_lines_past_the_checkpoint(tmp_path):
-    run = common.Run("test", Args(), out_dir=str(tmp_path / "r"))
-    run.start_stage("a", 5)
+def test_resume_repairs_metrics_and_removes_temporaries_of_killed_writers(tmp_path):
+    run = common.Run("test", run_args(tmp_path))
+    run.resume("a", 5)
+    meter = common.Meter()
     for epoch in range(3):
         run.log(epoch, {"loss": 1.0}, 10, 1.0)
         if epoch == 1:
-            run.save_checkpoint({"stage": "a", "epoch": epoch})
-    common.Run("test", Args(), resume=run.path).load_checkpoint()
-    with open(os.path.join(run.path, "metrics.jsonl")) as f:
-        assert [line.count('"epoch"') for line in f] == [1, 1]
+            run.save_checkpoint(epoch)
+    with open(run.file("metrics.jsonl"), "a") as f:
+        f.write('{"stage": "a", "ep')  # cut by a crash
+    dead = run.file("checkpoint.pt.tmp999999999")
+    open(dead, "w").write("x" * 100)
+    run.close()  # the process ends
+    resumed = common.Run("test", resume_args(run.path))
+    assert [(m["stage"], m["epoch"]) for m in map(json.loads, open(run.file("metrics.jsonl")))] == [("a", 0), ("a", 1)]
+    assert not os.path.exists(dead)
+    resumed.resume("a", 5)
+    resumed.save_checkpoint(2, step=4, meter=meter)  # stopped inside epoch 3
+    resumed.log(2, {"loss": 1.0}, 10, 1.0)  # a line a kill left after it
+    resumed.close()
+    again = common.Run("test", resume_args(run.path))
+    assert [m["epoch"] for m in map(json.loads, open(run.file("metrics.jsonl")))] == [0, 1]
+    assert again.resume("a", 5) == 2 and again.inside_epoch
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
-    run = common.Run("test", Args(), out_dir=str(tmp_path / "r"))
-    run.save_checkpoint({"stage": "a", "epoch": 0, "w": torch.ones(2)})
-    before = open(run.file("checkpoint.pt"), "rb").read()
+def test_divergence_message_says_what_is_kept(tmp_path):
+    run = common.Run("test", run_args(tmp_path))
+    run.resume("a", 3)
     meter = common.Meter()
     meter.add(loss=torch.tensor(1.0))
     meter.add(loss=torch.tensor(float("nan")))
-    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged") as info:
+    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged before any checkpoint") as info:
         meter.averages(1, run)
-    assert info.value.exit_code == 1 and run.path in str(info.value)
+    assert info.value.exit_code == 1
+    run.save_checkpoint(0)
+    before = open(run.file("checkpoint.pt"), "rb").read()
+    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged; the last good checkpoint is "
+                                           "kept in .*--resume .* --lr LR"):
+        meter.averages(1, run)
     assert open(run.file("checkpoint.pt"), "rb").read() == before
     ok = common.Meter()
     ok.add(a=torch.tensor(1.0), b=torch.tensor(2.0))
@@ -585,6 +661,75 @@ def test_run_main_turns_abort_into_one_line_and_exit_code(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: something is wrong; do this" in err
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as info:
+        common.run_main(interrupted)
+    assert info.value.code == 130 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_command_line_conventions(capsys):
+    p = common.ArgumentParser(prog="m.py")
+    p.add_argument("--n", type=common.positive_int, default=3, help="a count")
+    p.add_argument("--steps", type=int, nargs="*", default=[1, 2], help="steps")
+    p.add_argument("--flag", action=argparse.BooleanOptionalAction, default=False, help="a switch")
+    p.add_argument("--path", help="where (default: here)")
+    help_text = p.format_help()
+    assert "a count (default: 3)" in help_text and "steps (default: 1 2)" in help_text
+    assert "(default: off)" in help_text and "where (default: here)\n" in help_text
+    for value, ok in [("1", True), ("0", False), ("x", False)]:
+        assert (common.positive_int(value) == 1) if ok else pytest.raises(argparse.ArgumentTypeError,
+                                                                          common.positive_int, value)
+    assert common.fraction("0.9") == 0.9
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.fraction(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.positive_float("inf")
+    assert common.device_name("cuda:1") == "cuda:1"
+    with pytest.raises(SystemExit) as info:
+        p.parse_args(["--n", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err == "m.py: error: argument --n: '0' is not an integer >= 1 (see m.py --help)\n"
+
+
+def test_resume_keeps_the_saved_settings_and_names_refused_flags(tmp_path, capsys):
+    def parser():
+        p = common.ArgumentParser(prog="m.py")
+        p.add_argument("--dataset", default="synthetic")
+        p.add_argument("--epochs", type=int, default=2)
+        p.add_argument("--width", type=int, default=8)
+        common.add_run_arguments(p, "m")
+        return p
+    check = lambda p, args: None  # noqa: E731
+    args = common.parse_arguments(parser(), ["--width", "4", "--out-dir", str(tmp_path / "r")], "m.py", check)
+    run = common.Run("m", args)
+    run.resume("s", 2)
+    run.save_checkpoint(0)
+    run.close()
+    same = common.parse_arguments(parser(), ["--resume", run.path, "--width", "4"], "m.py", check, ("epochs",))
+    assert same.width == 4 and same.resume_changes == {}  # repeating the saved value is no change
+    longer = common.parse_arguments(parser(), ["--resume", run.path, "--epochs", "5", "--device", "cpu"], "m.py",
+                                    check, ("epochs",))
+    assert (longer.epochs, longer.width, longer.device) == (5, 4, "cpu")
+    assert longer.resume_changes == {"epochs": (2, 5), "device": (None, "cpu")}
+    with pytest.raises(SystemExit) as info:
+        common.parse_arguments(parser(), ["--resume", run.path, "--width", "16", "--seed", "1"], "m.py", check)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--width, --seed cannot change" in err and err.count("\n") == 1
+    with pytest.raises(common.Abort, match="is a run of m.py"):
+        common.parse_arguments(parser(), ["--resume", run.path], "other.py", check)
+
+
+def test_epoch_batches_cover_the_epoch_from_a_step(tmp_path):
+    data = common.load_dataset("synthetic", "test")
+    full = common.EpochBatches(data, 64, seed=1, epoch=2)
+    assert len(full) == 500 // 64
+    batches = [idx for idx, _, _ in full]
+    later = [idx for idx, _, _ in common.EpochBatches(data, 64, seed=1, epoch=2, first=3)]
+    assert len(batches) == 7 and all(torch.equal(a, b) for a, b in zip(batches[3:], later)) and len(later) == 4
+    assert torch.equal(torch.cat(batches), common.epoch_order(500, 1, 2, "cpu")[:448])
 
 
 def test_epoch_order_and_sharding_single_process():

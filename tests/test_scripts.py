@@ -1,0 +1,318 @@
+"""What every method script promises, tested on each through one table: the skeleton of its file,
+--help, one-line usage errors, a synthetic demo that learns, exact resume after a kill, a signal
+or a time limit, the resume policy, the NaN stop, run directories that are never overwritten, and
+two processes under torchrun. Adding a method = a row of METHODS (+ its math in test_<method>.py).
+"""
+import ast
+import hashlib
+import importlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import (ENV, one_line_error, read_json, read_metrics, results, run_script, run_until, script_path,
+                      start_script)
+
+SYNTHETIC = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
+
+
+def lsdc_learned(runs):
+    (lines, final), (_, kmeans) = runs["demo"], runs["kmeans"]
+    rotnet = [m for m in lines if m["stage"] == "rotnet"]
+    assert rotnet[-1]["test_rotation_acc"] > 0.5  # rotation prediction learned (chance 0.25)
+    assert final["acc"] > 0.3 and final["nmi"] > 0.3 and final["test_acc"] > 0.3  # chance: about 0.1 and 0
+    assert np.array(final["confusion"]).sum() == 2500
+    assert 0.12 < kmeans["acc"] < final["acc"]  # k-means on the same RotNet's features (Table 2)
+
+
+def deepcluster_learned(runs):
+    (lines, final), (_, untrained) = runs["demo"], runs["untrained"]
+    assert final["probe_test_acc"] > untrained["probe_test_acc"] + 0.1
+    nmis = [m["nmi_gt"] for m in lines]  # the pseudo-labels move towards the classes
+    assert max(nmis) > nmis[0] + 0.04 and nmis[-1] > nmis[0]
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.3
+
+
+# For each script: `quick(run)` a run of a few seconds with several epochs (and stages), its last
+# (stage, epoch), where a kill -9 interrupts it, flags that make its loss NaN in the first epoch,
+# flags that may change on --resume (`extend`) and that may not (`frozen`), the extra runs beside
+# the demo and what the demo must reach.
+METHODS = {
+    "lsdc.py": dict(
+        quick=lambda run: [*SYNTHETIC, "--split", "test", "--width", "4", "--batch-size", "50", "--epochs", "3",
+                           "--rotnet-epochs", "2", "--rotnet-milestones", "--rotnet-batch-size", "100",
+                           "--rotnet-dir", f"{run}-rotnet", "--out-dir", run],
+        last=("lsdc", 2), kill_at=("rotnet", 0), nan=["--rotnet-lr", "1e30"],
+        extend=["--epochs", "4"], frozen=["--batch-size", "32"],
+        demo=lambda run: [*SYNTHETIC, "--out-dir", run, "--rotnet-dir", f"{run}-rotnet"],
+        extra_runs={"kmeans": ["--kmeans-baseline"]}, learned=lsdc_learned),
+    "deepcluster.py": dict(
+        quick=lambda run: [*SYNTHETIC, "--cycles", "3", "--num-clusters", "20", "--pca-dim", "16",
+                           "--batch-size", "32", "--probe-epochs", "1", "--out-dir", run],
+        last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"],
+        extend=["--cycles", "4"], frozen=["--num-clusters", "30"],
+        demo=lambda run: [*SYNTHETIC, "--out-dir", run],
+        extra_runs={"untrained": ["--cycles", "0"]}, learned=deepcluster_learned),
+}
+SCRIPTS = list(METHODS)
+
+
+# ------------------------------------------------------------------------------------------------
+# The skeleton of a method file
+# ------------------------------------------------------------------------------------------------
+BANNERS = {"Defaults": "D", "Command line": "C", "Model": "M", "Method: ": "X", "Data and augmentation": "A",
+           "Stage: ": "S", "Training": "T", "Evaluation": "E", "Main": "N"}
+SKELETON = "DCMX+AS*TEN"  # the banners' order: the method's pieces and extra stages may be several
+SIGNPOSTS = ["# --- set-up", "# --- resume", "# --- training", "# --- final evaluation"]
+
+
+def skeleton(path):
+    """The `# ===` banners of a file, in order, one letter each (BANNERS; ? for an unknown title)."""
+    lines = open(path).read().splitlines()
+    titles = [lines[i + 1][2:] for i in range(len(lines) - 2)
+              if re.fullmatch(r"# =+", lines[i]) and re.fullmatch(r"# =+", lines[i + 2])]
+    return "".join(next((code for title, code in BANNERS.items()
+                         if t == title or (title.endswith(": ") and t.startswith(title))), "?") for t in titles)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_method_file_follows_the_skeleton(script):
+    path = script_path(script)
+    assert re.fullmatch(SKELETON, skeleton(path)), skeleton(path)
+    source = open(path).read()
+    tree = ast.parse(source)
+    header_lines = source[:source.index("\nimport ")].count("\n") + 1
+    assert ast.get_docstring(tree) and header_lines <= 32, f"{script}: the header runs to {header_lines} lines"
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for name in ("parse_args", "check_args", "make_transforms", "train_one_epoch", "evaluate", "main"):
+        assert name in functions, name
+    shared = ["model", "optimizer", "data", "augment", "args", "epoch", "run", "device"]
+    assert [a.arg for a in functions["train_one_epoch"].args.args][:8] == shared
+    main = ast.get_source_segment(source, functions["main"])
+    assert [main.index(s) for s in SIGNPOSTS] == sorted(main.index(s) for s in SIGNPOSTS)
+    prologue = ["args = parse_args(argv)", "device = common.setup_device(args.device)",
+                "common.init_distributed(device)", "common.seed_everything(args.seed, args.deterministic)"]
+    assert [line.strip().split("  #")[0] for line in main.splitlines()[2:6]] == prologue
+    assert "store_true" not in source  # booleans are BooleanOptionalAction
+
+
+def test_skeleton_reader_sees_a_misplaced_banner(tmp_path):
+    banner = "# " + "=" * 20
+    body = [f"{banner}\n# {t}\n{banner}\n" for t in ("Defaults", "Command line", "Model", "Method: x",
+                                                        "Data and augmentation", "Training", "Evaluation", "Main")]
+    (tmp_path / "ok.py").write_text("".join(body))
+    (tmp_path / "bad.py").write_text("".join([body[0], body[2], body[1], *body[3:]]))
+    assert re.fullmatch(SKELETON, skeleton(tmp_path / "ok.py"))
+    assert not re.fullmatch(SKELETON, skeleton(tmp_path / "bad.py"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def parse(script, argv):
+    return importlib.import_module(script[:-3]).parse_args(argv)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_value_each_flag_takes(script, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(script, ["--dataset", "synthetic", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "those of --dataset synthetic" in out and "--resume" in out
+    assert "(default: None)" not in out and "default: None" not in out
+    flags = re.findall(r"^  (--[a-z0-9-]+)", out, re.M)
+    args = vars(parse(script, ["--dataset", "synthetic"]))
+    assert len(flags) > 20
+    for flag in flags:  # every flag explains itself, and a flag that has a value shows it
+        block = out[out.index("\n  " + flag) + 3:].split("\n  --")[0]
+        words = " ".join(block.split()[1:])
+        assert len(words) > 20, flag
+        value = args.get(flag[2:].replace("-", "_"))
+        assert value is None or "default" in block, flag
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags,named", [
+    (["--no-such-flag"], "--no-such-flag"), (["--dataset", "cifar11"], "cifar11"), (["--seed", "-1"], "--seed"),
+    (["--device", "tpu"], "--device"), (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"), (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--momentum", "-1"], "--momentum"), (["--time-limit", "0"], "--time-limit"),
+    (["--num-clusters", "0"], "--num-clusters"), (["--seed", "x"], "--seed"),
+])
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(script, flags, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(script, ["--dataset", "synthetic", *flags] if "--dataset" not in flags else flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and one_line_error(err) and named in err and "--help" in err, err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_usage_error_of_the_command_is_one_line(script, tmp_path):
+    result = run_script(script, ["--dataset", "synthetic", "--batch-size", "zero"], tmp_path)
+    assert result.returncode == 2 and one_line_error(result.stderr) and "--batch-size" in result.stderr
+    assert not os.listdir(tmp_path)  # nothing created
+
+
+# ------------------------------------------------------------------------------------------------
+# The synthetic demo learns
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """`python <script> --dataset synthetic --device cpu` of every script, and its extra runs, all
+    started together (one thread each)."""
+    tmp = tmp_path_factory.mktemp("demos")
+    procs = {}
+    for script, method in METHODS.items():
+        for name, extra in {"demo": [], **method["extra_runs"]}.items():
+            run = str(tmp / f"{script}-{name}")
+            procs[script, name] = start_script(script, [*method["demo"](run), *extra], tmp, f"{script}-{name}.log")
+    out = {}
+    for (script, name), proc in procs.items():
+        assert proc.wait(timeout=900) == 0, open(tmp / f"{script}-{name}.log").read()[-3000:]
+        run = tmp / f"{script}-{name}"
+        out.setdefault(script, {})[name] = (read_metrics(run) if os.path.exists(run / "metrics.jsonl") else [],
+                                            read_json(run / "final.json"))
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_synthetic_demo_learns(script, demos):
+    METHODS[script]["learned"](demos[script])
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs: resume, stop on purpose, divergence, never overwrite
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The quick run of every script, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    procs = {s: start_script(s, m["quick"](str(tmp / s)), tmp, f"{s}.log") for s, m in METHODS.items()}
+    for script, proc in procs.items():
+        assert proc.wait(timeout=600) == 0, open(tmp / f"{script}.log").read()[-3000:]
+    return tmp
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_killed_stopped_and_time_limited_runs_resume_to_the_uninterrupted_result(script, reference, tmp_path):
+    """kill -9 after the first epoch; --resume, stopped by SIGTERM inside an epoch (exit 3, the
+    position inside the epoch kept); --resume under a time limit that one epoch exceeds (exit 3);
+    --resume to the end: the metric lines and the result are those of the uninterrupted run."""
+    method, run = METHODS[script], str(tmp_path / "run")
+    stage, epoch = method["kill_at"]
+    run_until(script, method["quick"](run), tmp_path, run, stage, epoch)
+    assert not os.path.exists(os.path.join(run, "final.json"))
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"stage": "half-written')  # a crash in the middle of a line
+
+    proc = start_script(script, ["--resume", run, "--log-every", "0.01"], tmp_path, "resumed.log")
+    while proc.poll() is None and " step " not in open(tmp_path / "resumed.log").read():
+        time.sleep(0.02)  # wait for a progress line: the run is inside an epoch
+    proc.send_signal(signal.SIGTERM)
+    log = (tmp_path / "resumed.log").read_text
+    assert proc.wait(timeout=300) == common.EXIT_STOPPED, log()[-3000:]
+    assert "stopped by SIGTERM" in log() and f"--resume {run}" in log()
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] is not None
+
+    limited = run_script(script, ["--resume", run, "--time-limit", "0.0001"], tmp_path)
+    assert limited.returncode == common.EXIT_STOPPED, limited.stderr[-3000:]
+    assert "stopped at the time limit" in limited.stdout and f"--resume {run}" in limited.stdout
+
+    done = run_script(script, ["--resume", run, "--time-limit", "1000"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results(run) == results(reference / script)
+    assert not [f for f in os.listdir(run) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_policy(script, reference, tmp_path):
+    """Flags that change what is computed are refused on --resume (exit 2, named); extending the
+    schedule of a finished run continues it; a damaged or foreign args.json is one line."""
+    method, run = METHODS[script], str(tmp_path / "run")
+    shutil.copytree(reference / script, run)
+    before = open(os.path.join(run, "final.json")).read()
+    refused = run_script(script, ["--resume", run, *method["frozen"]], tmp_path)
+    assert refused.returncode == 2 and one_line_error(refused.stderr) and method["frozen"][0] in refused.stderr
+    assert open(os.path.join(run, "final.json")).read() == before
+    other = "deepcluster.py" if script != "deepcluster.py" else "lsdc.py"
+    foreign = run_script(other, ["--resume", run], tmp_path)
+    assert foreign.returncode == 2 and f"is a run of {script}" in foreign.stderr and one_line_error(foreign.stderr)
+
+    extended = run_script(script, ["--resume", run, *method["extend"]], tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    stage, last = method["last"]
+    lines = read_metrics(run)
+    assert [(m["stage"], m["epoch"]) for m in lines][-2:] == [(stage, last), (stage, last + 1)]
+    assert read_json(os.path.join(run, "args.json"))[method["extend"][0][2:]] == int(method["extend"][1])
+
+    with open(os.path.join(run, "args.json"), "w") as f:
+        f.write("{}")
+    damaged = run_script(script, ["--resume", run], tmp_path)
+    assert damaged.returncode == 2 and one_line_error(damaged.stderr) and "args.json" in damaged.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_directory_is_never_overwritten(script, reference, tmp_path):
+    """A folder holding any run file (a finished run, or a result without a checkpoint such as an
+    Initial Alignment run) is refused as --out-dir, and nothing in it changes."""
+    run = str(tmp_path / "run")
+    shutil.copytree(reference / script, run)
+    only_result = tmp_path / "result"
+    only_result.mkdir()
+    (only_result / "final.json").write_text('{"acc": 0.5}')
+    for target in (run, str(only_result)):
+        digest = {f: hashlib.sha1(open(os.path.join(target, f), "rb").read()).hexdigest()
+                  for f in os.listdir(target) if f != ".lock"}
+        flags = [f if f != METHODS[script]["quick"]("X")[-1] else target for f in METHODS[script]["quick"]("X")]
+        result = run_script(script, flags, tmp_path)
+        assert result.returncode == 2 and "already holds a run" in result.stderr and one_line_error(result.stderr)
+        assert digest == {f: hashlib.sha1(open(os.path.join(target, f), "rb").read()).hexdigest()
+                          for f in os.listdir(target) if f != ".lock"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_divergence_stops_with_one_line_and_writes_no_result(script, tmp_path):
+    run = str(tmp_path / "run")
+    result = run_script(script, [*METHODS[script]["quick"](run), *METHODS[script]["nan"]], tmp_path)
+    assert result.returncode == 1 and one_line_error(result.stderr), result.stderr[-3000:]
+    assert "training diverged before any checkpoint was written" in result.stderr
+    assert not os.path.exists(os.path.join(run, "final.json")) and not os.path.exists(os.path.join(run, "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_says_how_to_resume(script, tmp_path):
+    run = str(tmp_path / "run")
+    code = run_until(script, METHODS[script]["quick"](run), tmp_path, run, *METHODS[script]["kill_at"],
+                     sig=signal.SIGINT)
+    err = open(tmp_path / "log.txt").read().strip().splitlines()[-1]
+    assert code == 130 and "interrupted; continue with: python" in err and f"--resume {run}" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_processes_with_torchrun(script, reference, tmp_path):
+    """Two CPU processes (gloo): rank 0 alone writes the run, every rank's RNG is checkpointed, and
+    the first epoch sees the data as the single process does (within a process's own batches)."""
+    run = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             script_path(script), *METHODS[script]["quick"](run)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final") == 1 and "x 2" in result.stdout
+    stage, last = METHODS[script]["last"]
+    assert read_metrics(run)[-1]["epoch"] == last
+    assert len(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["rng"]) == 2
+    single = read_metrics(reference / script)
+    if script == "deepcluster.py":  # the first clustering: the same network's features, gathered
+        assert read_metrics(run)[0]["nmi_gt"] == pytest.approx(single[0]["nmi_gt"], abs=0.01)
