@@ -709,24 +709,32 @@ def _as_numpy(a):
 
 
 def confusion_matrix(pred, labels, num_clusters=None, num_classes=None):
-    """counts[k, c] = #samples in cluster k with class c, built with one bincount."""
+    """counts[k, c] = #samples in cluster k with class c: int64 (num_clusters, num_classes), the sizes
+    defaulting to max id + 1, built with one bincount."""
     pred, labels = _as_numpy(pred).astype(np.int64), _as_numpy(labels).astype(np.int64)
-    K = num_clusters or int(pred.max()) + 1
-    C = num_classes or int(labels.max()) + 1
+    K = int(pred.max()) + 1 if num_clusters is None else num_clusters
+    C = int(labels.max()) + 1 if num_classes is None else num_classes
     return np.bincount(pred * C + labels, minlength=K * C).reshape(K, C)
 
 
-def cluster_to_class(counts):
-    """Map clusters to classes from a confusion matrix: the Hungarian one-to-one assignment that
-    maximises matched samples when clusters <= classes, else each cluster's majority class.
-    Returns an array of length K (class per cluster, -1 for an unmatched cluster)."""
-    K, C = counts.shape
-    if K > C:
-        return counts.argmax(1)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    mapping = np.full(K, -1)
-    mapping[rows] = cols
-    return mapping
+def cluster_to_class(counts, mapping="auto"):
+    """Map clusters to classes from a (K, C) confusion matrix, looking only at the clusters and
+    classes present (rows and columns with a count), as scikit-learn's contingency_matrix does:
+    "hungarian" is the one-to-one assignment (scipy's linear_sum_assignment) that maximises matched
+    samples, "majority" gives each cluster its most frequent class, and "auto" picks Hungarian when
+    no more clusters than classes are present, else majority. Returns an int64 array (K,) in the
+    original ids: the class of each cluster, -1 for a cluster absent or left unmatched."""
+    if mapping not in ("auto", "hungarian", "majority"):
+        raise ValueError(f"mapping must be auto, hungarian or majority, not {mapping!r}")
+    rows, cols = counts.sum(1).nonzero()[0], counts.sum(0).nonzero()[0]
+    present = counts[np.ix_(rows, cols)]
+    result = np.full(counts.shape[0], -1, dtype=np.int64)
+    if mapping == "majority" or (mapping == "auto" and len(rows) > len(cols)):
+        result[rows] = cols[present.argmax(1)]
+    else:
+        matched_rows, matched_cols = linear_sum_assignment(present, maximize=True)
+        result[rows[matched_rows]] = cols[matched_cols]
+    return result
 
 
 def nmi(a, b):
@@ -749,29 +757,45 @@ def ari(a, b):
                               np.unique(_as_numpy(b), return_inverse=True)[1]).astype(np.float64)
     pairs = lambda n: (n * (n - 1) / 2).sum()  # noqa: E731
     index, pairs_a, pairs_b = pairs(counts), pairs(counts.sum(1)), pairs(counts.sum(0))
-    expected = pairs_a * pairs_b / pairs(np.array([counts.sum()]))
+    total = pairs(np.array([counts.sum()]))
+    expected = pairs_a * pairs_b / total if total else 0.0  # one sample: no pair, a perfect 1.0 below
     maximum = (pairs_a + pairs_b) / 2
     return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
 
 
-def clustering_metrics(pred, labels, num_clusters=None):
-    """ACC (Hungarian, or majority vote with more clusters than classes), NMI and ARI, computed on
-    the samples with a known label (label >= 0), plus the confusion matrix."""
-    pred, labels = _as_numpy(pred), _as_numpy(labels)
+def clustering_metrics(pred, labels, num_clusters=None, num_classes=None, mapping="auto"):
+    """Clustering ACC, NMI and ARI of `pred` (K cluster ids, ints (N,)) against `labels` (ints (N,)),
+    scored on the samples with a known label (label >= 0; -1 = unknown, as STL-10's unlabeled split).
+    ACC maps clusters to classes with `cluster_to_class(confusion, mapping)`, which looks at the ids
+    present only. Returns {"acc", "nmi", "ari": floats, "confusion": int64 (num_clusters, num_classes)
+    counts indexed by the original ids (sizes default to max id + 1), "scored": number of labelled
+    samples}; with no labelled sample, acc/nmi/ari are None and the confusion is all zeros (shape
+    (0, 0) when the sizes are not given). Never raises on unknown labels."""
+    pred, labels = _as_numpy(pred).astype(np.int64), _as_numpy(labels).astype(np.int64)
     known = labels >= 0
     pred, labels = pred[known], labels[known]
-    counts = confusion_matrix(pred, labels, num_clusters)
-    mapping = cluster_to_class(counts)
-    acc = counts[np.arange(len(mapping)), mapping][mapping >= 0].sum() / max(len(labels), 1)
-    return {"acc": float(acc), "nmi": nmi(pred, labels), "ari": ari(pred, labels), "confusion": counts}
+    K = num_clusters or (int(pred.max()) + 1 if len(pred) else 0)
+    C = num_classes or (int(labels.max()) + 1 if len(labels) else 0)
+    counts = confusion_matrix(pred, labels, K, C)
+    if not len(labels):
+        return {"acc": None, "nmi": None, "ari": None, "confusion": counts, "scored": 0}
+    matched = cluster_to_class(counts, mapping)
+    acc = counts[np.arange(K), matched][matched >= 0].sum() / len(labels)
+    return {"acc": float(acc), "nmi": nmi(pred, labels), "ari": ari(pred, labels), "confusion": counts,
+            "scored": len(labels)}
 
 
 def confident_accuracy(probs, labels, threshold=0.9):
-    """LSD-C's confident samples (supplementary Fig. 1b): accuracy, under the mapping found on all
-    samples, of those whose top probability exceeds `threshold`, and their share."""
-    probs, labels = _as_numpy(probs), _as_numpy(labels)
+    """LSD-C's confident samples (supplementary Fig. 1b): for probs float (N, K) and labels ints (N,),
+    the accuracy, under the mapping `cluster_to_class` finds on all labelled samples, of the labelled
+    samples whose top probability exceeds `threshold`, and their share of the labelled samples.
+    Unknown labels (-1) are skipped; (None, None) when no sample has a label, (0.0, 0.0) when none
+    is confident."""
+    probs, labels = _as_numpy(probs), _as_numpy(labels).astype(np.int64)
     known = labels >= 0
     probs, labels = probs[known], labels[known]
+    if not len(labels):
+        return None, None
     pred = probs.argmax(1)
     mapping = cluster_to_class(confusion_matrix(pred, labels, probs.shape[1]))
     confident = probs.max(1) > threshold

@@ -96,6 +96,58 @@ def test_confident_accuracy():
     assert common.confident_accuracy(probs_wrong, labels, 0.9) == (1.0, 0.5)
 
 
+def brute_force_mapping_accuracy(pred, labels):
+    """Best accuracy over every one-to-one map from the cluster ids present to the class ids present
+    (clusters left over count as wrong), straight from the definition."""
+    clusters, classes = sorted(set(pred)), sorted(set(labels))
+    best = 0
+    for image in itertools.permutations(classes, min(len(clusters), len(classes))):
+        for chosen in itertools.combinations(clusters, len(image)):
+            mapping = dict(zip(chosen, image))
+            best = max(best, np.mean([mapping.get(p, -1) == y for p, y in zip(pred, labels)]))
+    return best
+
+
+def test_mapping_depends_on_the_ids_present_not_on_the_largest_id():
+    # the same partition with cluster ids 1/2 and 0/1: two clusters, two classes -> one-to-one
+    # cluster 1 = {0, 0, 1}, cluster 2 = {0, 0, 1}: best one-to-one is 2 + 1 = 3 of 6
+    assert common.clustering_metrics([1, 1, 1, 2, 2, 2], [0, 0, 1, 0, 0, 1])["acc"] == pytest.approx(0.5)
+    assert common.clustering_metrics([0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 1])["acc"] == pytest.approx(0.5)
+    # the confusion stays indexed by the original ids
+    m = common.clustering_metrics([1, 1, 1, 2, 2, 2], [0, 0, 1, 0, 0, 1], 3, 2)
+    assert m["confusion"].tolist() == [[0, 0], [2, 1], [2, 1]] and m["scored"] == 6
+    # a scored subset without the top class: 2 clusters present, 2 classes present (0 and 2)
+    pred, labels = [0, 0, 0, 1, 1, 1, 1], [0, 0, 2, 0, 0, 2, -1]
+    assert common.clustering_metrics(pred, labels, 2, 3)["acc"] == pytest.approx(0.5)
+    # the caller may ask for a mapping: majority vote maps both clusters to class 0 (4 of 6)
+    majority = common.clustering_metrics([1, 1, 1, 2, 2, 2], [0, 0, 1, 0, 0, 1], mapping="majority")
+    assert majority["acc"] == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hungarian_on_present_ids_matches_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    clusters = rng.choice(9, rng.integers(2, 5), replace=False)  # sparse ids, 2-4 of them
+    classes = rng.choice(7, rng.integers(len(clusters), 6), replace=False)
+    labels = rng.choice(classes, 60)
+    pred = rng.choice(clusters, 60)
+    pred[:len(clusters)], labels[:len(classes)] = clusters, classes  # every id is present
+    expected = brute_force_mapping_accuracy(pred.tolist(), labels.tolist())
+    assert common.clustering_metrics(pred, labels, 9, 7)["acc"] == pytest.approx(expected)
+    assert common.clustering_metrics(pred, labels)["acc"] == pytest.approx(expected)
+
+
+def test_metrics_with_no_labelled_sample_say_so():
+    m = common.clustering_metrics([0, 1], [-1, -1], 2)
+    assert (m["acc"], m["nmi"], m["ari"], m["scored"]) == (None, None, None, 0)
+    assert m["confusion"].sum() == 0
+    assert common.confident_accuracy(np.array([[0.95, 0.05], [0.2, 0.8]]), np.array([-1, -1])) == (None, None)
+    # one labelled sample among unknowns is scored alone
+    m = common.clustering_metrics([0, 1, 1], [-1, 1, -1], 2, 2)
+    assert (m["acc"], m["scored"], m["confusion"].tolist()) == (1.0, 1, [[0, 0], [0, 1]])
+    assert m["ari"] == 1.0  # one sample: no pair to disagree on (scikit-learn's convention)
+
+
 # ------------------------------------------------------------------------------------------------
 # kNN and linear probe
 # ------------------------------------------------------------------------------------------------
