@@ -826,9 +826,14 @@ def knn_predict(train_features, train_labels, query_features, num_classes, k=200
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=100,
                  lr=0.1, weight_decay=0.0, batch_size=1024):
     """Logistic regression on frozen features, trained on their device: features standardised with
-    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns test accuracy."""
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
+    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns test accuracy.
+    Features float (N, D), labels int64 (N,). A feature constant in training (std at most 1e-6 of
+    its largest magnitude) carries nothing to learn: it is set to 0 in both sets, so a test value
+    that differs from the training constant cannot swing the prediction."""
+    mean, std = train_features.mean(0), train_features.std(0)
+    constant = std <= 1e-6 * train_features.abs().amax(0)
+    scale = torch.where(constant, 0.0, 1 / std)
+    x_train, x_test = (train_features - mean) * scale, (test_features - mean) * scale
     head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x_train) / batch_size)

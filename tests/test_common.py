@@ -182,7 +182,18 @@ def test_linear_probe_on_separable_data():
     test_x, test_y = blobs(400, 32, 4, 1.0, 1)
     assert common.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=20) > 0.97
     # labels unrelated to the features: chance level
-    assert common.linear_probe(train_x, train_y[torch.randperm(1000)], test_x, test_y, 4, epochs=20) < 0.5
+    shuffled = train_y[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    assert common.linear_probe(train_x, shuffled, test_x, test_y, 4, epochs=20) < 0.5
+
+
+def test_linear_probe_ignores_a_feature_constant_in_training():
+    train_x, train_y = blobs(1000, 32, 4, 1.0, 1)
+    test_x, test_y = blobs(400, 32, 4, 1.0, 1)
+    # an extra feature, 0.5 on every training sample, 0.6 on every test sample
+    train_x = torch.cat([train_x, torch.full((1000, 1), 0.5)], 1)
+    test_x = torch.cat([test_x, torch.full((400, 1), 0.6)], 1)
+    torch.manual_seed(0)
+    assert common.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=20) > 0.97
 
 
 def test_extract_features_order_and_mode():
