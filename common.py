@@ -320,13 +320,34 @@ def random_crop(x, size, padding=0):
     return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # channels_last memory
 
 
-def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
-    aspect ratio ~ U(log ratio) (10 tries, else the whole image), then a bilinear resize to
-    `size` (without torchvision's antialiasing when it shrinks). `size` is an int or
-    (height, width); used for multi-crop global and local views."""
+def resized_crop(x, top, left, height, width, size):
+    """Crop box (top, left, height, width) of each sample then resize it bilinearly to `size` (an int
+    or (height, width)): torchvision's resized_crop(x, top, left, height, width, size,
+    antialias=False), i.e. F.interpolate(align_corners=False) of the crop, whose source coordinate
+    (j + 0.5) * width / out_w - 0.5 is clamped to [0, width - 1] so no pixel outside the box is read.
+    x: float (B, C, H, W); the box: numbers or tensors (B,) in pixels. Returns float (B, C, *size)."""
     B, _, H, W = x.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
+
+    def coordinates(start, length, out, full):  # grid_sample's normalised coordinates, (B, out)
+        start, length = (torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(B)[:, None]
+                         for v in (start, length))
+        steps = torch.arange(out, dtype=x.dtype, device=x.device)
+        source = torch.minimum(((steps + 0.5) * length / out - 0.5).clamp(min=0), length - 1)
+        return (2 * (start + source) + 1) / full - 1
+
+    cols = coordinates(left, width, out_w, W)[:, None, :].expand(B, out_h, out_w)
+    rows = coordinates(top, height, out_h, H)[:, :, None].expand(B, out_h, out_w)
+    grid = torch.stack([cols, rows], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
+    aspect ratio ~ U(log ratio) (10 tries, else the whole image), a uniform position, then
+    `resized_crop` to `size` (bilinear, without torchvision's antialiasing when it shrinks).
+    `size` is an int or (height, width); used for multi-crop global and local views."""
+    B, _, H, W = x.shape
     tries = 10
     area = H * W * torch.empty(B, tries, device=x.device).uniform_(*scale)
     log_r = torch.empty(B, tries, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
@@ -337,13 +358,7 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     h = torch.where(ok.any(1), h.gather(1, first[:, None])[:, 0], torch.full_like(h[:, 0], H))
     left = (torch.rand(B, device=x.device) * (W - w + 1)).floor()
     top = (torch.rand(B, device=x.device) * (H - h + 1)).floor()
-    # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1] = w / W, h / H
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, (B, x.shape[1], out_h, out_w), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return resized_crop(x, top, left, h, w, size)
 
 
 def horizontal_flip(x, p=0.5):
@@ -352,8 +367,9 @@ def horizontal_flip(x, p=0.5):
 
 
 def grayscale(x):
-    """ITU-R 601 luma (torchvision's rgb_to_grayscale), kept at 3 channels."""
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """torchvision's rgb_to_grayscale (ITU-R 601 luma with its weights 0.2989, 0.587, 0.114) of a
+    float (B, 3, H, W) batch, kept at 3 channels."""
+    gray = (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     return gray.expand_as(x)
 
 

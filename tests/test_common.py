@@ -263,6 +263,30 @@ def test_random_resized_crop_full_scale_is_identity():
     assert common.random_resized_crop(x, (12, 20), scale=(0.1, 0.3)).shape == (8, 3, 12, 20)
 
 
+@pytest.mark.parametrize("size", [(8, 13), (24, 40), (11, 17)])
+def test_resized_crop_matches_torchvision_inside_the_box(size):
+    x = torch.rand(3, 3, 20, 30, generator=torch.Generator().manual_seed(0))
+    top, left, height, width = 3, 5, 11, 17
+    expected = torchvision.transforms.functional.resized_crop(x, top, left, height, width, list(size),
+                                                              antialias=False)
+    out = common.resized_crop(x, top, left, height, width, size)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5)
+    # per-sample boxes as tensors: each sample is cropped from its own box
+    tops, lefts, heights, widths = (torch.tensor(v, dtype=torch.float32) for v in
+                                    ([0, 3, 9], [0, 5, 13], [20, 11, 7], [30, 17, 17]))
+    out = common.resized_crop(x, tops, lefts, heights, widths, size)
+    for i in range(3):
+        box = [int(v[i]) for v in (tops, lefts, heights, widths)]
+        one = torchvision.transforms.functional.resized_crop(x[i:i + 1], *box, list(size), antialias=False)
+        assert torch.allclose(out[i:i + 1], one, atol=1e-5)
+
+
+def test_grayscale_matches_torchvision():
+    x = torch.rand(4, 3, 9, 7, generator=torch.Generator().manual_seed(0))
+    expected = torchvision.transforms.functional.rgb_to_grayscale(x, num_output_channels=3)
+    assert torch.allclose(common.grayscale(x), expected, atol=1e-6)
+
+
 def test_flip_flips_or_keeps_each_sample():
     x = batch(32)
     out = common.horizontal_flip(x, p=0.5)
@@ -282,7 +306,7 @@ def test_hsv_round_trip_and_hue_shift():
 def test_grayscale_and_solarize_values():
     x = torch.tensor([0.2, 0.6, 0.9]).view(1, 3, 1, 1)
     gray = common.random_grayscale(x, p=1.0)
-    assert torch.allclose(gray.flatten(), torch.full((3,), 0.299 * 0.2 + 0.587 * 0.6 + 0.114 * 0.9))
+    assert torch.allclose(gray.flatten(), torch.full((3,), 0.2989 * 0.2 + 0.587 * 0.6 + 0.114 * 0.9))
     assert torch.allclose(common.solarize(x, p=1.0).flatten(), torch.tensor([0.2, 0.4, 0.1]))
 
 
