@@ -246,7 +246,9 @@ def pca_whiten(x, dim, eps=1e-8, chunk_elements=2 ** 24):
         cov += centred.T @ centred
     eigenvalues, eigenvectors = torch.linalg.eigh(cov / len(x))  # ascending order
     top = eigenvalues.flip(0)[:dim].clamp(min=0)
-    projection = (eigenvectors.flip(1)[:, :dim] / (top + eps * top[0]).sqrt()).float()
+    floored = top + eps * top[0]
+    scale = torch.where(floored > 0, floored.rsqrt(), 0.0)  # constant x (all-zero spectrum): y = 0
+    projection = (eigenvectors.flip(1)[:, :dim] * scale).float()
     return torch.cat([(chunk.double() - mean).float() @ projection for chunk in x.split(rows)])
 
 

@@ -126,6 +126,8 @@ def test_pca_whitening_does_not_depend_on_the_scale_of_the_features():
     nmis = [common.nmi(deepcluster.kmeans(deepcluster.preprocess(s * x, 20), 10, seed=0)[0], labels)
             for s in (1, 1000)]
     assert nmis[0] > 0.9 and nmis[1] == pytest.approx(nmis[0])
+    # constant features (an all-zero spectrum) whiten to zeros, not NaN
+    assert torch.equal(deepcluster.pca_whiten(torch.full((6, 4), 3.0), 2), torch.zeros(6, 2))
 
 
 def test_pca_whitening_is_exact_with_a_large_mean():
