@@ -64,8 +64,21 @@ DATASETS = {
     "imagefolder": (None, None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": (None, None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
 }
-SPLITS = {"stl10": ("train", "test", "unlabeled", "train+unlabeled", "all")}
+# splits of each dataset, when not ("train", "test", "all"); see dataset_splits
+SPLITS = {"stl10": ("train", "test", "unlabeled", "train+unlabeled", "all"),
+          "cifar10-lt": ("train", "test"), "cifar100-lt": ("train", "test")}
+UNLABELED_SPLITS = {("stl10", "unlabeled")}  # the stored splits whose labels are all -1 (unknown)
 SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+
+
+def dataset_splits(name):
+    """The splits `load_dataset(name, split)` accepts, as a tuple of str: train, test and all
+    (train + test) for most; STL-10 adds unlabeled and train+unlabeled; the long-tailed -lt
+    datasets have only train (long-tailed) and test (balanced, as Cao et al. evaluate), since
+    all would dilute the tail with the balanced test set. Raises Abort for an unknown name."""
+    if name not in DATASETS:
+        raise Abort(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return SPLITS.get(name, ("train", "test", "all"))
 
 
 def default_data_dir():
@@ -199,18 +212,46 @@ def _decode_torchvision(cls_name, split, root, download):
     return out
 
 
+def _split_problem(data, num_classes, unlabeled):
+    """Why `data` is not a decoded split {"images": uint8 (N, C, H, W), "labels": int64 (N,) in
+    0..num_classes-1, or all -1 when `unlabeled`, optional "coarse_labels": int64 (N,) in 0..19},
+    or None when it is one."""
+    if not isinstance(data, dict) or not torch.is_tensor(data.get("images")) or not torch.is_tensor(data.get("labels")):
+        return "no images and labels tensors"
+    images = data["images"]
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        return f"images are {images.dtype} {tuple(images.shape)}, not uint8 (N, C, H, W)"
+    for key, classes in (("labels", num_classes), ("coarse_labels", 20)):
+        if key not in data:
+            continue
+        labels = data[key]
+        if not torch.is_tensor(labels) or labels.dtype != torch.long or labels.shape != (len(images),):
+            return f"{key} are not an int64 tensor ({len(images)},)"
+        if unlabeled and key == "labels":
+            if (labels != -1).any():
+                return "labels of an unlabeled split are not all -1"
+        elif len(labels) and (labels.min() < 0 or labels.max() >= classes):
+            return (f"{key} range over {labels.min().item()}..{labels.max().item()}, "
+                    f"outside the class ids 0..{classes - 1}")
+    return None
+
+
 def _load_split(name, split, data_dir, download):
-    """One stored split, from the cache `<name>-<split>.pt` or decoded by torchvision (then cached)."""
+    """One stored split, from the cache `<name>-<split>.pt` or decoded by torchvision (then cached),
+    checked (`_split_problem`): Abort naming the file when it is not a valid split."""
     cls_name, cache_name = DATASETS[name][:2]
+    num_classes = 100 if cache_name == "cifar100" else DATASETS[name][2]  # cifar100-20: fine labels too
+    unlabeled = (name, split) in UNLABELED_SPLITS
     path = os.path.join(data_dir, f"{cache_name}-{split}.pt")
     if os.path.exists(path):
         try:
             data = torch.load(path, weights_only=True)
-            n = len(data["labels"])
-            assert data["images"].dtype == torch.uint8 and data["images"].dim() == 4
-            assert data["images"].shape[0] == n and data["labels"].dtype == torch.long
         except Exception as error:
-            raise Abort(f"corrupt dataset cache {path} ({type(error).__name__}: {error}); delete it "
+            data, problem = None, f"{type(error).__name__}: {error}"
+        else:
+            problem = _split_problem(data, num_classes, unlabeled)
+        if problem:
+            raise Abort(f"corrupt dataset cache {path} ({' '.join(problem.split())}); delete it "
                         "to rebuild it from torchvision's files")
         return data
     try:
@@ -222,6 +263,10 @@ def _load_split(name, split, data_dir, download):
                     f"({type(error).__name__}: {str(error)[:200]}). On a machine with internet run "
                     f"torchvision.datasets.{cls_name}('{data_dir}', download=True), or point "
                     "--data-dir (or DATA_DIR) at a folder that holds the files")
+    problem = _split_problem(data, num_classes, unlabeled)
+    if problem:
+        raise Abort(f"torchvision's {cls_name} files under {os.path.abspath(data_dir)} give a bad "
+                    f"{split} split ({problem}); replace them with the original files")
     try:
         atomic_save(data, path)
     except OSError:
@@ -248,10 +293,11 @@ def load_dataset(name, split="train", data_dir=None, device="cpu", download=True
     LSD-C); STL-10 also has unlabeled and train+unlabeled (label -1 = unknown). Small datasets
     return a TensorImages on `device`; `imagefolder` returns a FolderImages over `data_dir`
     (its train/ and val/ or test/ sub-folders when present, else the folder itself)."""
-    if name not in DATASETS:
-        raise Abort(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    splits = SPLITS.get(name, ("train", "test", "all"))
+    splits = dataset_splits(name)
     if split not in splits:
+        if name.endswith("-lt") and split == "all":
+            raise Abort(f"{name} has no split 'all' (its balanced test set would dilute the long "
+                        "tail); use --split train")
         raise Abort(f"{name} has no split {split!r}; choose one of {', '.join(splits)}")
     data_dir = data_dir or default_data_dir()
     mean, std = DATASETS[name][3:]

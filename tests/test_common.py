@@ -468,6 +468,56 @@ def test_unknown_dataset_and_split():
         common.load_dataset("cifar10", "unlabeled")
 
 
+def test_dataset_splits_and_long_tail_keeps_its_tail(tmp_path):
+    assert common.dataset_splits("cifar10") == ("train", "test", "all")
+    assert common.dataset_splits("cifar10-lt") == ("train", "test")
+    assert common.dataset_splits("cifar100-lt") == ("train", "test")
+    assert common.dataset_splits("stl10") == ("train", "test", "unlabeled", "train+unlabeled", "all")
+    for name in common.DATASETS:
+        assert common.dataset_splits(name) == common.SPLITS.get(name, ("train", "test", "all"))
+    with pytest.raises(common.Abort, match="unknown dataset 'cifar11'"):
+        common.dataset_splits("cifar11")
+    torch.save({"images": torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), "labels": torch.arange(1000) % 10},
+               tmp_path / "cifar10-train.pt")
+    torch.save({"images": torch.zeros(100, 3, 2, 2, dtype=torch.uint8), "labels": torch.arange(100) % 10},
+               tmp_path / "cifar10-test.pt")
+    with pytest.raises(common.Abort, match=r"no split 'all' .*long tail.*use --split train$"):
+        common.load_dataset("cifar10-lt", "all", str(tmp_path), download=False)
+    train = common.load_dataset("cifar10-lt", "train", str(tmp_path), download=False, imbalance=10)
+    counts = torch.bincount(train.labels).tolist()
+    assert counts[0] == 100 and counts[-1] == 10  # 100 * 10^(-9/9)
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path, monkeypatch):
+    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.arange(10, 50)}, tmp_path / "cifar10-test.pt")
+    with pytest.raises(common.Abort, match=r"cifar10-test\.pt .*10\.\.49, outside the class ids 0\.\.9"):
+        common.load_dataset("cifar10", "test", str(tmp_path), download=False)
+    # -1 (unknown) only where the dataset has unlabeled data
+    torch.save({"images": images, "labels": torch.full((40,), -1)}, tmp_path / "cifar10-train.pt")
+    with pytest.raises(common.Abort, match=r"cifar10-train\.pt .*-1\.\.-1"):
+        common.load_dataset("cifar10", "train", str(tmp_path), download=False)
+    torch.save({"images": images[:, :, :3, :3], "labels": torch.full((40,), -1)}, tmp_path / "stl10-unlabeled.pt")
+    assert (common.load_dataset("stl10", "unlabeled", str(tmp_path), download=False).labels == -1).all()
+    # coarse labels of CIFAR-100 are checked against the 20 super-classes
+    torch.save({"images": images, "labels": torch.arange(40), "coarse_labels": torch.arange(40)},
+               tmp_path / "cifar100-test.pt")
+    with pytest.raises(common.Abort, match=r"cifar100-test\.pt .*coarse_labels range over 0\.\.39"):
+        common.load_dataset("cifar100-20", "test", str(tmp_path), download=False)
+    # files decoded by torchvision are checked before their cache is written
+    class BadLabels(FakeTorchvisionSplit):
+        layout, side = "NCHW", 32
+
+        def __init__(self, root, split=None, download=False):
+            super().__init__(root, split=split)
+            self.labels[1] = 10
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", BadLabels)
+    with pytest.raises(common.Abort, match=r"SVHN files under .* bad train split \(labels range over 0\.\.10"):
+        common.load_dataset("svhn", "train", str(tmp_path))
+    assert not (tmp_path / "svhn-train.pt").exists()
+
+
 def test_missing_files_offline_say_where_and_how(tmp_path):
     with pytest.raises(common.Abort) as info:
         common.load_dataset("cifar10", "train", str(tmp_path), download=False)
