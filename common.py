@@ -9,12 +9,15 @@ so `torch.manual_seed` makes it reproducible and checkpoints capture it.
 import contextlib
 import datetime
 import functools
+import gzip
 import json
 import math
 import os
 import pickle
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -195,21 +198,73 @@ def make_synthetic(n, num_classes=10, size=32, seed=0):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+def _read_mnist_family(cls, split, root):
+    """One split of MNIST or Fashion-MNIST from the raw IDX files under root/<class name>/raw, each
+    unpacked or as its original .gz (md5 checked against torchvision's), read with torchvision's
+    read_image_file / read_label_file without writing beside them (torchvision unpacks the .gz
+    there, which fails in a read-only folder). Returns {"images": uint8 (N, 1, 28, 28), "labels":
+    int64 (N,)}, or None when a file is missing; Abort naming a file that cannot be read."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    from torchvision.datasets.utils import check_integrity
+    raw, prefix = os.path.join(root, cls.__name__, "raw"), "train" if split == "train" else "t10k"
+    md5 = dict(cls.resources)
+    out = {}
+    for key, stem, read in (("images", f"{prefix}-images-idx3-ubyte", read_image_file),
+                            ("labels", f"{prefix}-labels-idx1-ubyte", read_label_file)):
+        path = os.path.join(raw, stem)
+        source = path if os.path.isfile(path) else f"{path}.gz"
+        if not os.path.isfile(source):
+            return None
+        try:
+            if source == path:
+                out[key] = read(path)
+                continue
+            if not check_integrity(source, md5.get(f"{stem}.gz")):
+                raise Abort(f"{source} is not torchvision's original file (its md5 differs); delete "
+                            f"it, or replace it with the original")
+            with tempfile.TemporaryDirectory() as tmp, gzip.open(source) as packed:
+                with open(os.path.join(tmp, stem), "wb") as unpacked:
+                    shutil.copyfileobj(packed, unpacked)
+                out[key] = read(os.path.join(tmp, stem))
+        except (OSError, EOFError, ValueError, TypeError, AssertionError, RuntimeError) as error:
+            raise Abort(f"cannot read {source} ({type(error).__name__}: {' '.join(str(error).split())}); "
+                        "delete it, or replace it with the original")
+    return {"images": out["images"].unsqueeze(1), "labels": out["labels"]}
+
+
 def _decode_torchvision(cls_name, split, root, download):
     """Decode one split with torchvision into {"images": uint8 (N,C,H,W), "labels": int64 (N,)}."""
     cls = getattr(torchvision.datasets, cls_name)
+    if cls_name in ("MNIST", "FashionMNIST"):
+        data = _read_mnist_family(cls, split, root)
+        if data is None and download:
+            cls(root, train=split == "train", download=True)  # downloads and unpacks into raw/
+            data = _read_mnist_family(cls, split, root)
+        if data is None:
+            raise FileNotFoundError(f"no {cls_name}/raw/{'train' if split == 'train' else 't10k'}-*-ubyte(.gz)")
+        return data
     if cls_name in ("SVHN", "STL10"):
         ds = cls(root, split=split, download=download)
         return {"images": torch.from_numpy(ds.data), "labels": torch.from_numpy(ds.labels).long()}
     ds = cls(root, train=split == "train", download=download)
-    if cls_name in ("MNIST", "FashionMNIST"):
-        return {"images": ds.data.unsqueeze(1), "labels": ds.targets.long()}
     out = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
            "labels": torch.tensor(ds.targets, dtype=torch.long)}
     if cls_name == "CIFAR100":  # torchvision drops the 20 super-class labels; the pickle has them
         with open(os.path.join(root, ds.base_folder, split), "rb") as f:
             out["coarse_labels"] = torch.tensor(pickle.load(f, encoding="latin1")["coarse_labels"])
     return out
+
+
+def _folders(path, depth):
+    """The set of folders at `path` and up to `depth` levels below it (no symlinks followed)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return set()
+    found = {path}
+    if depth:
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False):
+                found |= _folders(entry.path, depth - 1)
+    return found
 
 
 def _split_problem(data, num_classes, unlabeled):
@@ -254,13 +309,23 @@ def _load_split(name, split, data_dir, download):
             raise Abort(f"corrupt dataset cache {path} ({' '.join(problem.split())}); delete it "
                         "to rebuild it from torchvision's files")
         return data
+    top = os.path.abspath(data_dir)  # the highest folder that decoding may create
+    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    depth = 2 + os.path.relpath(os.path.abspath(data_dir), top).count(os.sep) + (top != os.path.abspath(data_dir))
+    folders_before = _folders(top, depth)
     try:
         data = _decode_torchvision(cls_name, split, data_dir, download)
+    except Abort:
+        raise
     except Exception as error:
+        for folder in sorted(_folders(top, depth) - folders_before, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only the empty folders the failed attempt created
         raise Abort(f"{name} ({split} split) not found: looked for {path} and torchvision's "
                     f"{cls_name} files under {os.path.abspath(data_dir)}, and "
                     f"{'the download failed' if download else 'downloading is off'} "
-                    f"({type(error).__name__}: {str(error)[:200]}). On a machine with internet run "
+                    f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). On a machine with internet run "
                     f"torchvision.datasets.{cls_name}('{data_dir}', download=True), or point "
                     "--data-dir (or DATA_DIR) at a folder that holds the files")
     problem = _split_problem(data, num_classes, unlabeled)

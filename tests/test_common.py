@@ -1,10 +1,13 @@
 """Unit tests of common.py: metrics, kNN / linear probe, augmentations, backbones, data, plumbing."""
+import gzip
+import hashlib
 import itertools
 import math
 import os
 import pickle
 import shutil
 import socket
+import urllib.error
 
 import numpy as np
 import pytest
@@ -583,6 +586,46 @@ def test_torchvision_decoding_and_cache(name, cls, layout, side, tmp_path, monke
         assert len(both) == 21 and (both.labels == -1).sum() == 9
 
 
+def write_idx_gz(path, array):
+    """The IDX format of LeCun's MNIST files (big-endian magic 0x08 = uint8 and the number of
+    dimensions, then each dimension as a big-endian int32, then the bytes), gzip-compressed."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_family_gz_files_are_read_without_writing_beside_them(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images, labels = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)
+    write_idx_gz(raw / "t10k-images-idx3-ubyte.gz", images)
+    write_idx_gz(raw / "t10k-labels-idx1-ubyte.gz", labels)
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in raw.iterdir()}
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", list(md5.items()))
+    data = common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
+    assert np.array_equal(data.images.numpy(), images[:, None]) and data.labels.tolist() == labels.tolist()
+    assert sorted(os.listdir(raw)) == sorted(md5)  # nothing unpacked beside the .gz files
+    # a damaged .gz is named
+    (tmp_path / "fashion-mnist-test.pt").unlink()
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(common.Abort, match=r"t10k-labels-idx1-ubyte\.gz is not torchvision's original file"):
+        common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
+
+
+def test_offline_mnist_fails_in_one_line_and_creates_no_folder(tmp_path, monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno 101] Network is unreachable\nsecond line")
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data_dir, download in ((empty, True), (empty, False), (tmp_path / "nowhere" / "data", True)):
+        with pytest.raises(common.Abort, match=r"mnist \(train split\) not found") as info:
+            common.load_dataset("mnist", "train", str(data_dir), download=download)
+        assert "\n" not in str(info.value)
+        assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(empty) == []
+
+
 def test_imagefolder(tmp_path):
     from PIL import Image
     for c in ("cat", "dog"):
@@ -607,8 +650,8 @@ needs_data = pytest.mark.skipif(not DATA_DIR, reason="DATA_DIR is not set: real 
 @needs_data
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 def test_real_mnist_family(name, folder, tmp_path):
-    """torchvision reads the raw files of DATA_DIR (copied, as it unpacks them beside themselves),
-    then the decoded cache is written and used."""
+    """The raw .gz files of DATA_DIR (copied, as the decoded cache is written beside them) are
+    read without unpacking them there, then the decoded cache is written and used."""
     if not os.path.isdir(os.path.join(DATA_DIR, folder, "raw")):
         pytest.skip(f"{folder}/raw is not in {DATA_DIR}")
     shutil.copytree(os.path.join(DATA_DIR, folder, "raw"), tmp_path / folder / "raw")
@@ -617,6 +660,7 @@ def test_real_mnist_family(name, folder, tmp_path):
     test = common.load_dataset(name, "test", str(tmp_path), download=True)
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(train.labels).min() > 5000 and torch.bincount(test.labels).min() > 800
+    assert sorted(os.listdir(tmp_path / folder / "raw")) == sorted(os.listdir(os.path.join(DATA_DIR, folder, "raw")))
     mean = common.to_float(train.images[:10000]).mean().item()
     assert mean == pytest.approx(common.DATASETS[name][3][0], abs=0.01)
     shutil.rmtree(tmp_path / folder)  # now only the cache remains
