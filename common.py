@@ -111,32 +111,45 @@ class TensorImages:
             yield idx, self.images[idx], self.labels[idx]
 
 
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS  # the files ImageFolder reads
+
+
 class _FolderItems(torch.utils.data.Dataset):
-    def __init__(self, folder, transform):
-        self.folder, self.transform = folder, transform
+    """(index, uint8 image (3, size, size), label, error) per sample. An image that cannot be
+    decoded (PIL: truncated or not an image, with LOAD_TRUNCATED_IMAGES left off) gives a blank
+    image and the error's text instead of raising in a DataLoader worker, which would end in a
+    traceback that never names the file; FolderImages.batches names it."""
+
+    def __init__(self, samples, transform, size):
+        self.samples, self.transform, self.size = samples, transform, size
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def __getitem__(self, index):
-        image, label = self.folder[index]
-        return index, self.transform(image), label
+        path, label = self.samples[index]
+        try:
+            image = torchvision.datasets.folder.default_loader(path)  # decoded to RGB here
+        except Exception as error:  # OSError, SyntaxError, ValueError, DecompressionBombError
+            return index, torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, f"{type(error).__name__}: {error}"
+        return index, self.transform(image), label, ""
 
 
 class FolderImages:
-    """An ImageFolder streamed by DataLoader workers that decode and crop to `image_size` (uint8);
-    the rest of the augmentation runs batched on the device."""
+    """Images in folders, streamed by DataLoader workers that decode and crop to `image_size`
+    (uint8); the rest of the augmentation runs batched on the device. `samples`: (path, class id)
+    pairs (see `image_folder_samples`), `classes`: the class names, id = position."""
 
-    def __init__(self, root, image_size=224, device="cpu", workers=None):
-        self.folder = torchvision.datasets.ImageFolder(root)
+    def __init__(self, samples, classes, image_size=224, device="cpu", workers=None):
+        self.samples, self.classes = samples, classes
         self.name, self.image_size, self.device = "imagefolder", image_size, torch.device(device)
-        self.labels = torch.tensor(self.folder.targets, dtype=torch.long, device=self.device)
-        self.num_classes = len(self.folder.classes)
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long, device=self.device)
+        self.num_classes = len(classes)
         self.mean, self.std = DATASETS["imagefolder"][3:]
         self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def to(self, device):
         self.device, self.labels = torch.device(device), self.labels.to(device)
@@ -144,18 +157,65 @@ class FolderImages:
 
     def batches(self, order, batch_size, random_crop=False):
         """Yield (indices, uint8 images, labels): RandomResizedCrop(0.08-1) when `random_crop`,
-        else the standard Resize(size * 8/7) + CenterCrop(size)."""
+        else the standard Resize(size * 8/7) + CenterCrop(size). Abort naming the first image
+        of a batch that cannot be decoded."""
         T = torchvision.transforms
         size = self.image_size
         crop = (T.RandomResizedCrop(size, antialias=True) if random_crop
                 else T.Compose([T.Resize(size * 8 // 7, antialias=True), T.CenterCrop(size)]))
         loader = torch.utils.data.DataLoader(
-            _FolderItems(self.folder, T.Compose([crop, T.PILToTensor()])),  # ImageFolder gives RGB
+            _FolderItems(self.samples, T.Compose([crop, T.PILToTensor()]), size),
             batch_sampler=[b.tolist() for b in order.cpu().split(batch_size)],
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        for idx, images, labels in loader:
+        for idx, images, labels, errors in loader:
+            bad = [i for i, error in enumerate(errors) if error]
+            if bad:
+                raise Abort(f"cannot read the image {self.samples[idx[bad[0]]][0]} "
+                            f"({' '.join(errors[bad[0]].split())}); remove or replace it")
             yield (idx.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+def image_folder_samples(root, split):
+    """The (path, class id) pairs and class names of `split` of an image folder, as torchvision's
+    ImageFolder reads one (class = sub-folder name, files with an extension of IMAGE_EXTENSIONS).
+    When `root` holds train/ and val/ or test/ (val first), train is train/, test is val/ (else
+    test/) and all is both, concatenated; else `root` itself is the data of every split (test then
+    scores the training images). Class ids come from one list for every split: the sorted union
+    of the class folder names of train/ and val/ (or test/), as find_classes sorts, so a class
+    missing from val/ keeps its id. Returns (list of (str, int), list of str). Abort naming the
+    folder when `root` is missing, a split folder is missing, there is no class folder, or a
+    class folder holds no image in any split."""
+    if not os.path.isdir(root):
+        raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
+                    "a folder of class sub-folders (or one with train/ and val/ inside)")
+    present = {s: os.path.join(root, s) for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))}
+    if present:
+        train, test = present.get("train"), present.get("val", present.get("test"))
+        roots = {"train": [train], "test": [test], "all": [train, test]}[split]
+        if None in roots:
+            missing = "train/" if train is None else "val/ or test/"
+            raise Abort(f"imagefolder: {os.path.abspath(root)} has no {missing} for the {split} split; "
+                        "add it, or point --data-dir at one folder of class folders to use it for every split")
+        used = [r for r in (train, test) if r is not None]
+    else:
+        roots = used = [root]
+    extensions = " ".join(IMAGE_EXTENSIONS)
+    classes = sorted({entry.name for r in used for entry in os.scandir(r) if entry.is_dir()})
+    if not classes:
+        raise Abort(f"imagefolder: no class folder in {os.path.abspath(used[0])}; put the images of each "
+                    f"class in a sub-folder of their own, <folder>/<class>/<image> ({extensions})")
+    class_ids = {c: i for i, c in enumerate(classes)}
+    found = {r: torchvision.datasets.folder.make_dataset(r, class_ids, IMAGE_EXTENSIONS, allow_empty=True)
+             for r in used}
+    has_images = {label for samples in found.values() for _, label in samples}
+    empty = [c for c in classes if class_ids[c] not in has_images]
+    if empty:
+        folders = " and ".join(os.path.abspath(os.path.join(r, empty[0])) for r in used
+                               if os.path.isdir(os.path.join(r, empty[0])))
+        raise Abort(f"imagefolder: no image in {folders} (read: {extensions}); remove the folder or "
+                    "add its images")
+    return [sample for r in roots for sample in found[r]], classes
 
 
 def make_synthetic(n, num_classes=10, size=32, seed=0):
@@ -354,10 +414,13 @@ def long_tail_indices(labels, num_classes, imbalance, seed=0):
 
 def load_dataset(name, split="train", data_dir=None, device="cpu", download=True, imbalance=100.0,
                  seed=0, image_size=224):
-    """Load a dataset by name. Splits: train, test, all (= train + test, used transductively by
-    LSD-C); STL-10 also has unlabeled and train+unlabeled (label -1 = unknown). Small datasets
-    return a TensorImages on `device`; `imagefolder` returns a FolderImages over `data_dir`
-    (its train/ and val/ or test/ sub-folders when present, else the folder itself)."""
+    """Load a dataset by name. Splits (`dataset_splits`): train, test, all (= train + test, used
+    transductively by LSD-C); STL-10 also has unlabeled and train+unlabeled (label -1 = unknown);
+    the -lt datasets only train (long-tailed, `long_tail_indices`) and test. Small datasets return
+    a TensorImages on `device` (images uint8 (N, C, H, W), labels int64 (N,)); `imagefolder`
+    returns a FolderImages over `data_dir` (its splits: `image_folder_samples`). Raises Abort, in
+    one line naming the file or folder, for an unknown name or split, missing or unreadable files,
+    labels outside the classes, or an image folder layout that cannot be read."""
     splits = dataset_splits(name)
     if split not in splits:
         if name.endswith("-lt") and split == "all":
@@ -367,13 +430,7 @@ def load_dataset(name, split="train", data_dir=None, device="cpu", download=True
     data_dir = data_dir or default_data_dir()
     mean, std = DATASETS[name][3:]
     if name == "imagefolder":
-        subdirs = {"train": ["train"], "test": ["val", "test"], "all": [""]}[split]
-        roots = [os.path.join(data_dir, s) for s in subdirs if os.path.isdir(os.path.join(data_dir, s))]
-        root = roots[0] if roots else data_dir
-        if not os.path.isdir(root):
-            raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
-                        "a folder of class sub-folders (or one with train/ and val/ inside)")
-        return FolderImages(root, image_size, device)
+        return FolderImages(*image_folder_samples(data_dir, split), image_size, device)
     if split == "all" or "+" in split:
         parts = ("train", "test") if split == "all" else split.split("+")
         parts = [load_dataset(name, p, data_dir, "cpu", download, imbalance, seed) for p in parts]

@@ -643,6 +643,67 @@ def test_imagefolder(tmp_path):
     assert seen == [5, 0, 3, 1, 2, 4]
 
 
+def make_image_folder(root, layout):
+    """layout: {relative folder: number of PNG images}; the images' colour encodes their index."""
+    from PIL import Image
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (20, 16), (10 * i, 0, 0)).save(root / folder / f"{i}.png")
+
+
+def test_imagefolder_splits_share_one_class_list(tmp_path):
+    make_image_folder(tmp_path, {"train/cat": 2, "train/cow": 3, "train/dog": 1, "val/cat": 1, "val/dog": 2})
+    everything = common.load_dataset("imagefolder", "all", str(tmp_path), image_size=8)
+    # all = train + val, 3 classes (not the 2 folders train and val)
+    assert everything.num_classes == 3 and everything.classes == ["cat", "cow", "dog"] and len(everything) == 9
+    assert everything.labels.tolist() == [0, 0, 1, 1, 1, 2, 0, 2, 2]
+    val = common.load_dataset("imagefolder", "test", str(tmp_path), image_size=8)
+    assert val.num_classes == 3 and val.labels.tolist() == [0, 2, 2]  # dog keeps id 2 without cow
+    assert [os.path.relpath(p, tmp_path) for p, _ in val.samples] == ["val/cat/0.png", "val/dog/0.png", "val/dog/1.png"]
+    assert common.load_dataset("imagefolder", "train", str(tmp_path)).labels.tolist() == [0, 0, 1, 1, 1, 2]
+    # a folder of class folders is the data of every split
+    flat = tmp_path / "train"
+    for split in ("train", "test", "all"):
+        data = common.load_dataset("imagefolder", split, str(flat))
+        assert data.classes == ["cat", "cow", "dog"] and data.labels.tolist() == [0, 0, 1, 1, 1, 2]
+
+
+def test_imagefolder_layouts_that_cannot_work_are_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(common.Abort, match=f"no class folder in {empty}; .*\\.jpg"):
+        common.load_dataset("imagefolder", "all", str(empty))
+    make_image_folder(tmp_path / "notes", {"cat": 2, "dog": 0})
+    (tmp_path / "notes" / "dog" / "readme.txt").write_text("dogs go here")
+    with pytest.raises(common.Abort, match=f"no image in {tmp_path / 'notes' / 'dog'} .*\\.png"):
+        common.load_dataset("imagefolder", "train", str(tmp_path / "notes"))
+    make_image_folder(tmp_path / "only_train", {"train/cat": 1})
+    with pytest.raises(common.Abort, match="only_train has no val/ or test/ for the test split"):
+        common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
+    with pytest.raises(common.Abort, match="nowhere is not a folder"):
+        common.load_dataset("imagefolder", "train", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagefolder_unreadable_image_is_named(tmp_path, workers):
+    from PIL import Image
+    make_image_folder(tmp_path, {"cat": 3, "dog": 3})
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "dog" / "photo.jpg")
+    whole = (tmp_path / "dog" / "photo.jpg").read_bytes()
+    (tmp_path / "dog" / "photo.jpg").write_bytes(whole[:len(whole) // 2])  # truncated JPEG
+    data = common.load_dataset("imagefolder", "train", str(tmp_path), image_size=8)
+    data.workers = workers
+    bad = 6  # cat/0-2.png, dog/0-2.png, dog/photo.jpg in ImageFolder's sorted order
+    assert len(next(data.batches(torch.tensor([0, 1]), 2))[0]) == 2  # the valid images load
+    with pytest.raises(common.Abort, match=f"cannot read the image {tmp_path / 'dog' / 'photo.jpg'} "
+                                           r"\(OSError: .*[Tt]runcated.*\); remove or replace it$"):
+        list(data.batches(torch.arange(len(data)), 4))
+    (tmp_path / "dog" / "photo.jpg").write_bytes(b"not an image")
+    with pytest.raises(common.Abort, match="cannot read the image .*photo.jpg .*UnidentifiedImageError"):
+        list(data.batches(torch.tensor([bad]), 1, random_crop=True))
+
+
 DATA_DIR = os.environ.get("DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA_DIR, reason="DATA_DIR is not set: real datasets are not available")
 
