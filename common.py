@@ -512,20 +512,24 @@ def resized_crop(x, top, left, height, width, size):
 
 def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
-    aspect ratio ~ U(log ratio) (10 tries, else the whole image), a uniform position, then
-    `resized_crop` to `size` (bilinear, without torchvision's antialiasing when it shrinks).
-    `size` is an int or (height, width); used for multi-crop global and local views."""
+    aspect ratio ~ U(log ratio) at a uniform position (10 tries; else, as torchvision, the
+    largest centred box whose aspect ratio is within `ratio`), then `resized_crop` to `size`
+    (bilinear, without torchvision's antialiasing when it shrinks). `size` is an int or
+    (height, width); used for multi-crop global and local views."""
     B, _, H, W = x.shape
     tries = 10
     area = H * W * torch.empty(B, tries, device=x.device).uniform_(*scale)
     log_r = torch.empty(B, tries, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     w, h = (area * log_r.exp()).sqrt().round(), (area / log_r.exp()).sqrt().round()
     ok = (w <= W) & (h <= H) & (w > 0) & (h > 0)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros_like(ok[:, 0], dtype=torch.long))
-    w = torch.where(ok.any(1), w.gather(1, first[:, None])[:, 0], torch.full_like(w[:, 0], W))
-    h = torch.where(ok.any(1), h.gather(1, first[:, None])[:, 0], torch.full_like(h[:, 0], H))
-    left = (torch.rand(B, device=x.device) * (W - w + 1)).floor()
-    top = (torch.rand(B, device=x.device) * (H - h + 1)).floor()
+    found = ok.any(1)
+    first = ok.float().argmax(1)
+    fallback_w, fallback_h = ((W, round(W / ratio[0])) if W / H < ratio[0] else
+                              (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H))
+    w = torch.where(found, w.gather(1, first[:, None])[:, 0], float(fallback_w))
+    h = torch.where(found, h.gather(1, first[:, None])[:, 0], float(fallback_h))
+    left = torch.where(found, (torch.rand(B, device=x.device) * (W - w + 1)).floor(), float((W - fallback_w) // 2))
+    top = torch.where(found, (torch.rand(B, device=x.device) * (H - h + 1)).floor(), float((H - fallback_h) // 2))
     return resized_crop(x, top, left, h, w, size)
 
 

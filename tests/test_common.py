@@ -284,6 +284,15 @@ def test_resized_crop_matches_torchvision_inside_the_box(size):
         assert torch.allclose(out[i:i + 1], one, atol=1e-5)
 
 
+def test_random_resized_crop_falls_back_to_torchvision_centre_crop():
+    # 10 x 40 at full area: w = sqrt(400 r) <= 23 forces h >= 17 > 10, so all 10 tries fail and
+    # torchvision takes the centred box of ratio 4/3 at full height: h 10, w 13, top 0, left 13
+    x = torch.rand(2, 3, 10, 40, generator=torch.Generator().manual_seed(0))
+    out = common.random_resized_crop(x, 6, scale=(1.0, 1.0))
+    expected = torchvision.transforms.functional.resized_crop(x, 0, 13, 10, 13, [6, 6], antialias=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_grayscale_matches_torchvision():
     x = torch.rand(4, 3, 9, 7, generator=torch.Generator().manual_seed(0))
     expected = torchvision.transforms.functional.rgb_to_grayscale(x, num_output_channels=3)
