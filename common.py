@@ -362,11 +362,11 @@ def _load_split(name, split, data_dir, download):
         try:
             data = torch.load(path, weights_only=True)
         except Exception as error:
-            data, problem = None, f"{type(error).__name__}: {error}"
+            data, problem = None, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
         else:
             problem = _split_problem(data, num_classes, unlabeled)
         if problem:
-            raise Abort(f"corrupt dataset cache {path} ({' '.join(problem.split())}); delete it "
+            raise Abort(f"corrupt dataset cache {path} ({problem}); delete it "
                         "to rebuild it from torchvision's files")
         return data
     top = os.path.abspath(data_dir)  # the highest folder that decoding may create

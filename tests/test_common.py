@@ -8,6 +8,7 @@ import pickle
 import shutil
 import socket
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -546,6 +547,11 @@ def test_cache_is_used_and_corrupt_cache_is_reported(tmp_path):
     (tmp_path / "cifar10-train.pt").write_bytes(b"not a tensor file")
     with pytest.raises(common.Abort, match="corrupt dataset cache"):
         common.load_dataset("cifar10", "train", str(tmp_path))
+    # torch.load's refusal of a non-tensor object spans many lines: the message keeps to one
+    torch.save({"images": np.zeros((2, 3, 4, 4), np.uint8), "labels": labels[:2]}, tmp_path / "cifar10-train.pt")
+    with pytest.raises(common.Abort, match=r"corrupt dataset cache .*cifar10-train\.pt \(UnpicklingError") as info:
+        common.load_dataset("cifar10", "train", str(tmp_path))
+    assert "\n" not in str(info.value)
 
 
 def test_cifar100_20_uses_the_coarse_labels(tmp_path):
@@ -620,17 +626,22 @@ def test_mnist_family_gz_files_are_read_without_writing_beside_them(tmp_path, mo
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
     with pytest.raises(common.Abort, match=r"t10k-labels-idx1-ubyte\.gz is not torchvision's original file"):
         common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
+    # so is a truncated unpacked file (read in place of its .gz)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 7, 3]))  # 7 labels announced, 1 there
+    with pytest.raises(common.Abort, match=r"cannot read .*t10k-labels-idx1-ubyte \(RuntimeError: .*\); delete it"):
+        common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
 
 
-def test_offline_mnist_fails_in_one_line_and_creates_no_folder(tmp_path, monkeypatch):
-    def offline(url, *args, **kwargs):
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "stl10"])
+def test_offline_download_fails_in_one_line_and_creates_no_folder(name, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno 101] Network is unreachable\nsecond line")
-    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     empty = tmp_path / "empty"
     empty.mkdir()
     for data_dir, download in ((empty, True), (empty, False), (tmp_path / "nowhere" / "data", True)):
-        with pytest.raises(common.Abort, match=r"mnist \(train split\) not found") as info:
-            common.load_dataset("mnist", "train", str(data_dir), download=download)
+        with pytest.raises(common.Abort, match=rf"{name} \(train split\) not found") as info:
+            common.load_dataset(name, "train", str(data_dir), download=download)
         assert "\n" not in str(info.value)
         assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(empty) == []
 
