@@ -997,7 +997,13 @@ def knn_predict(train_features, train_labels, query_features, num_classes, k=200
                 chunk_elements=2 ** 26):
     """Weighted kNN (Wu et al. NPID; DINO): cosine similarity to the train set, top-k neighbours,
     each voting for its class with weight exp(sim / T). Queries are processed in chunks so the
-    similarity block stays under `chunk_elements` (1.28M x 2048 banks fit)."""
+    similarity block stays under `chunk_elements` (1.28M x 2048 banks fit). Training features
+    whose label is unknown (-1) have no vote and are left out of the bank. Features float (N, D),
+    labels int64 (N,); returns int64 (Q,) predicted classes; Abort when no training label is known."""
+    known = train_labels >= 0
+    if not known.any():
+        raise Abort("kNN evaluation needs labelled training features, and every label is unknown (-1)")
+    train_features, train_labels = train_features[known], train_labels[known]
     bank = F.normalize(train_features, dim=1)
     queries = F.normalize(query_features.to(bank.dtype), dim=1)
     k = min(k, len(bank))
@@ -1014,10 +1020,17 @@ def knn_predict(train_features, train_labels, query_features, num_classes, k=200
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=100,
                  lr=0.1, weight_decay=0.0, batch_size=1024):
     """Logistic regression on frozen features, trained on their device: features standardised with
-    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns test accuracy.
+    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns the test accuracy
+    (float) on the test samples with a known label; samples labelled -1 (unknown) are left out of
+    training and scoring, and None is returned when either set has no known label.
     Features float (N, D), labels int64 (N,). A feature constant in training (std at most 1e-6 of
     its largest magnitude) carries nothing to learn: it is set to 0 in both sets, so a test value
     that differs from the training constant cannot swing the prediction."""
+    train_known, test_known = train_labels >= 0, test_labels >= 0
+    if not train_known.any() or not test_known.any():
+        return None
+    train_features, train_labels = train_features[train_known], train_labels[train_known]
+    test_features, test_labels = test_features[test_known], test_labels[test_known]
     mean, std = train_features.mean(0), train_features.std(0)
     constant = std <= 1e-6 * train_features.abs().amax(0)
     scale = torch.where(constant, 0.0, 1 / std)

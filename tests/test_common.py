@@ -172,6 +172,21 @@ def test_knn_on_separable_data():
     assert (common.knn_predict(train_x, shuffled, test_x, 5, k=20) == test_y).float().mean() < 0.4
 
 
+def test_knn_and_linear_probe_leave_out_unknown_labels():
+    train_x, train_y = blobs(600, 16, 5, 0.5, 0)
+    test_x, test_y = blobs(200, 16, 5, 0.5, 0)
+    unlabeled = torch.randn(300, 16, generator=torch.Generator().manual_seed(3)) * 3
+    with_unknown = torch.cat([train_x, unlabeled]), torch.cat([train_y, torch.full((300,), -1)])
+    expected = common.knn_predict(train_x, train_y, test_x, 5, k=20)
+    assert torch.equal(common.knn_predict(*with_unknown, test_x, 5, k=20), expected)
+    with pytest.raises(common.Abort, match="every label is unknown"):
+        common.knn_predict(unlabeled, torch.full((300,), -1), test_x, 5)
+    test_with_unknown = torch.cat([test_x, unlabeled]), torch.cat([test_y, torch.full((300,), -1)])
+    torch.manual_seed(0)
+    assert common.linear_probe(*with_unknown, *test_with_unknown, 5, epochs=10) > 0.97
+    assert common.linear_probe(train_x, train_y, unlabeled, torch.full((300,), -1), 5, epochs=1) is None
+
+
 def test_knn_weighting_prefers_closer_neighbours():
     bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
     labels = torch.tensor([0, 1, 1])
