@@ -131,7 +131,8 @@ class _FolderItems(torch.utils.data.Dataset):
         try:
             image = torchvision.datasets.folder.default_loader(path)  # decoded to RGB here
         except Exception as error:  # OSError, SyntaxError, ValueError, DecompressionBombError
-            return index, torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, f"{type(error).__name__}: {error}"
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return index, blank, label, f"{type(error).__name__}: {error}"
         return index, self.transform(image), label, ""
 
 
@@ -327,6 +328,25 @@ def _folders(path, depth):
     return found
 
 
+@contextlib.contextmanager
+def _no_new_empty_folders_on_failure(path):
+    """When the block raises, remove the empty folders it created: the missing parents of `path`,
+    `path` and up to two levels below it (where torchvision makes <root>/MNIST/raw, for example).
+    Folders that hold a file, or existed before, are kept."""
+    path = top = os.path.abspath(path)
+    while not os.path.isdir(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    depth = 2 + (len(os.path.relpath(path, top).split(os.sep)) if top != path else 0)
+    before = _folders(top, depth)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(_folders(top, depth) - before, key=len, reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # fails on a folder that is not empty
+        raise
+
+
 def _split_problem(data, num_classes, unlabeled):
     """Why `data` is not a decoded split {"images": uint8 (N, C, H, W), "labels": int64 (N,) in
     0..num_classes-1, or all -1 when `unlabeled`, optional "coarse_labels": int64 (N,) in 0..19},
@@ -369,19 +389,12 @@ def _load_split(name, split, data_dir, download):
             raise Abort(f"corrupt dataset cache {path} ({problem}); delete it "
                         "to rebuild it from torchvision's files")
         return data
-    top = os.path.abspath(data_dir)  # the highest folder that decoding may create
-    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
-        top = os.path.dirname(top)
-    depth = 2 + os.path.relpath(os.path.abspath(data_dir), top).count(os.sep) + (top != os.path.abspath(data_dir))
-    folders_before = _folders(top, depth)
     try:
-        data = _decode_torchvision(cls_name, split, data_dir, download)
+        with _no_new_empty_folders_on_failure(data_dir):
+            data = _decode_torchvision(cls_name, split, data_dir, download)
     except Abort:
         raise
     except Exception as error:
-        for folder in sorted(_folders(top, depth) - folders_before, key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)  # only the empty folders the failed attempt created
         raise Abort(f"{name} ({split} split) not found: looked for {path} and torchvision's "
                     f"{cls_name} files under {os.path.abspath(data_dir)}, and "
                     f"{'the download failed' if download else 'downloading is off'} "
