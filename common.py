@@ -185,8 +185,8 @@ def image_folder_samples(root, split):
     scores the training images). Class ids come from one list for every split: the sorted union
     of the class folder names of train/ and val/ (or test/), as find_classes sorts, so a class
     missing from val/ keeps its id. Returns (list of (str, int), list of str). Abort naming the
-    folder when `root` is missing, a split folder is missing, there is no class folder, or a
-    class folder holds no image in any split."""
+    folder when `root` is missing, a split folder is missing or holds no image, there is no class
+    folder, or a class folder holds no image in any split."""
     if not os.path.isdir(root):
         raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
                     "a folder of class sub-folders (or one with train/ and val/ inside)")
@@ -216,7 +216,11 @@ def image_folder_samples(root, split):
                                if os.path.isdir(os.path.join(r, empty[0])))
         raise Abort(f"imagefolder: no image in {folders} (read: {extensions}); remove the folder or "
                     "add its images")
-    return [sample for r in roots for sample in found[r]], classes
+    samples = [sample for r in roots for sample in found[r]]
+    if not samples:
+        raise Abort(f"imagefolder: no image in the class folders of {os.path.abspath(roots[0])} "
+                    f"(read: {extensions}) for the {split} split; add them")
+    return samples, classes
 
 
 def make_synthetic(n, num_classes=10, size=32, seed=0):

@@ -716,6 +716,10 @@ def test_imagefolder_layouts_that_cannot_work_are_named(tmp_path):
     make_image_folder(tmp_path / "only_train", {"train/cat": 1})
     with pytest.raises(common.Abort, match="only_train has no val/ or test/ for the test split"):
         common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
+    (tmp_path / "only_train" / "val").mkdir()  # an empty val/: the test split has no image
+    with pytest.raises(common.Abort, match=f"no image in the class folders of {tmp_path / 'only_train' / 'val'} "):
+        common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
+    assert len(common.load_dataset("imagefolder", "all", str(tmp_path / "only_train"))) == 1
     with pytest.raises(common.Abort, match="nowhere is not a folder"):
         common.load_dataset("imagefolder", "train", str(tmp_path / "nowhere"))
 
