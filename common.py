@@ -12,6 +12,7 @@ import datetime
 import fcntl
 import functools
 import glob
+import gzip
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -91,8 +93,21 @@ DATASETS = {
     "imagefolder": (None, None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": (None, None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
 }
-SPLITS = {"stl10": ("train", "test", "unlabeled", "train+unlabeled", "all")}
+# splits of each dataset, when not ("train", "test", "all"); see dataset_splits
+SPLITS = {"stl10": ("train", "test", "unlabeled", "train+unlabeled", "all"),
+          "cifar10-lt": ("train", "test"), "cifar100-lt": ("train", "test")}
+UNLABELED_SPLITS = {("stl10", "unlabeled")}  # the stored splits whose labels are all -1 (unknown)
 SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+
+
+def dataset_splits(name):
+    """The splits `load_dataset(name, split)` accepts, as a tuple of str: train, test and all
+    (train + test) for most; STL-10 adds unlabeled and train+unlabeled; the long-tailed -lt
+    datasets have only train (long-tailed) and test (balanced, as Cao et al. evaluate), since
+    all would dilute the tail with the balanced test set. Raises Abort for an unknown name."""
+    if name not in DATASETS:
+        raise Abort(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return SPLITS.get(name, ("train", "test", "all"))
 
 
 def default_data_dir():
@@ -122,32 +137,46 @@ class TensorImages:
             yield idx, self.images[idx], self.labels[idx]
 
 
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS  # the files ImageFolder reads
+
+
 class _FolderItems(torch.utils.data.Dataset):
-    def __init__(self, folder, transform):
-        self.folder, self.transform = folder, transform
+    """(index, uint8 image (3, size, size), label, error) per sample. An image that cannot be
+    decoded (PIL: truncated or not an image, with LOAD_TRUNCATED_IMAGES left off) gives a blank
+    image and the error's text instead of raising in a DataLoader worker, which would end in a
+    traceback that never names the file; FolderImages.batches names it."""
+
+    def __init__(self, samples, transform, size):
+        self.samples, self.transform, self.size = samples, transform, size
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def __getitem__(self, index):
-        image, label = self.folder[index]
-        return index, self.transform(image), label
+        path, label = self.samples[index]
+        try:
+            image = torchvision.datasets.folder.default_loader(path)  # decoded to RGB here
+        except Exception as error:  # OSError, SyntaxError, ValueError, DecompressionBombError
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return index, blank, label, f"{type(error).__name__}: {error}"
+        return index, self.transform(image), label, ""
 
 
 class FolderImages:
-    """An ImageFolder streamed by DataLoader workers that decode and crop to `image_size` (uint8);
-    the rest of the augmentation runs batched on the device."""
+    """Images in folders, streamed by DataLoader workers that decode and crop to `image_size`
+    (uint8); the rest of the augmentation runs batched on the device. `samples`: (path, class id)
+    pairs (see `image_folder_samples`), `classes`: the class names, id = position."""
 
-    def __init__(self, root, image_size=224, device="cpu", workers=None):
-        self.folder = torchvision.datasets.ImageFolder(root)
+    def __init__(self, samples, classes, image_size=224, device="cpu", workers=None):
+        self.samples, self.classes = samples, classes
         self.name, self.image_size, self.device = "imagefolder", image_size, torch.device(device)
-        self.labels = torch.tensor(self.folder.targets, dtype=torch.long, device=self.device)
-        self.num_classes = len(self.folder.classes)
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long, device=self.device)
+        self.num_classes = len(classes)
         self.mean, self.std = DATASETS["imagefolder"][3:]
         self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def to(self, device):
         self.device, self.labels = torch.device(device), self.labels.to(device)
@@ -155,18 +184,69 @@ class FolderImages:
 
     def batches(self, order, batch_size, random_crop=False):
         """Yield (indices, uint8 images, labels): RandomResizedCrop(0.08-1) when `random_crop`,
-        else the standard Resize(size * 8/7) + CenterCrop(size)."""
+        else the standard Resize(size * 8/7) + CenterCrop(size). Abort naming the first image
+        of a batch that cannot be decoded."""
         T = torchvision.transforms
         size = self.image_size
         crop = (T.RandomResizedCrop(size, antialias=True) if random_crop
                 else T.Compose([T.Resize(size * 8 // 7, antialias=True), T.CenterCrop(size)]))
         loader = torch.utils.data.DataLoader(
-            _FolderItems(self.folder, T.Compose([crop, T.PILToTensor()])),  # ImageFolder gives RGB
+            _FolderItems(self.samples, T.Compose([crop, T.PILToTensor()]), size),
             batch_sampler=[b.tolist() for b in order.cpu().split(batch_size)],
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        for idx, images, labels in loader:
+        for idx, images, labels, errors in loader:
+            bad = [i for i, error in enumerate(errors) if error]
+            if bad:
+                raise Abort(f"cannot read the image {self.samples[idx[bad[0]]][0]} "
+                            f"({' '.join(errors[bad[0]].split())}); remove or replace it")
             yield (idx.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+def image_folder_samples(root, split):
+    """The (path, class id) pairs and class names of `split` of an image folder, as torchvision's
+    ImageFolder reads one (class = sub-folder name, files with an extension of IMAGE_EXTENSIONS).
+    When `root` holds train/ and val/ or test/ (val first), train is train/, test is val/ (else
+    test/) and all is both, concatenated; else `root` itself is the data of every split (test then
+    scores the training images). Class ids come from one list for every split: the sorted union
+    of the class folder names of train/ and val/ (or test/), as find_classes sorts, so a class
+    missing from val/ keeps its id. Returns (list of (str, int), list of str). Abort naming the
+    folder when `root` is missing, a split folder is missing or holds no image, there is no class
+    folder, or a class folder holds no image in any split."""
+    if not os.path.isdir(root):
+        raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
+                    "a folder of class sub-folders (or one with train/ and val/ inside)")
+    present = {s: os.path.join(root, s) for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))}
+    if present:
+        train, test = present.get("train"), present.get("val", present.get("test"))
+        roots = {"train": [train], "test": [test], "all": [train, test]}[split]
+        if None in roots:
+            missing = "train/" if train is None else "val/ or test/"
+            raise Abort(f"imagefolder: {os.path.abspath(root)} has no {missing} for the {split} split; "
+                        "add it, or point --data-dir at one folder of class folders to use it for every split")
+        used = [r for r in (train, test) if r is not None]
+    else:
+        roots = used = [root]
+    extensions = " ".join(IMAGE_EXTENSIONS)
+    classes = sorted({entry.name for r in used for entry in os.scandir(r) if entry.is_dir()})
+    if not classes:
+        raise Abort(f"imagefolder: no class folder in {os.path.abspath(used[0])}; put the images of each "
+                    f"class in a sub-folder of their own, <folder>/<class>/<image> ({extensions})")
+    class_ids = {c: i for i, c in enumerate(classes)}
+    found = {r: torchvision.datasets.folder.make_dataset(r, class_ids, IMAGE_EXTENSIONS, allow_empty=True)
+             for r in used}
+    has_images = {label for samples in found.values() for _, label in samples}
+    empty = [c for c in classes if class_ids[c] not in has_images]
+    if empty:
+        folders = " and ".join(os.path.abspath(os.path.join(r, empty[0])) for r in used
+                               if os.path.isdir(os.path.join(r, empty[0])))
+        raise Abort(f"imagefolder: no image in {folders} (read: {extensions}); remove the folder or "
+                    "add its images")
+    samples = [sample for r in roots for sample in found[r]]
+    if not samples:
+        raise Abort(f"imagefolder: no image in the class folders of {os.path.abspath(roots[0])} "
+                    f"(read: {extensions}) for the {split} split; add them")
+    return samples, classes
 
 
 def make_synthetic(n, num_classes=10, size=32, seed=0):
@@ -209,15 +289,55 @@ def make_synthetic(n, num_classes=10, size=32, seed=0):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+def _read_mnist_family(cls, split, root):
+    """One split of MNIST or Fashion-MNIST from the raw IDX files under root/<class name>/raw, each
+    unpacked or as its original .gz (md5 checked against torchvision's), read with torchvision's
+    read_image_file / read_label_file without writing beside them (torchvision unpacks the .gz
+    there, which fails in a read-only folder). Returns {"images": uint8 (N, 1, 28, 28), "labels":
+    int64 (N,)}, or None when a file is missing; Abort naming a file that cannot be read."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    from torchvision.datasets.utils import check_integrity
+    raw, prefix = os.path.join(root, cls.__name__, "raw"), "train" if split == "train" else "t10k"
+    md5 = dict(cls.resources)
+    out = {}
+    for key, stem, read in (("images", f"{prefix}-images-idx3-ubyte", read_image_file),
+                            ("labels", f"{prefix}-labels-idx1-ubyte", read_label_file)):
+        path = os.path.join(raw, stem)
+        source = path if os.path.isfile(path) else f"{path}.gz"
+        if not os.path.isfile(source):
+            return None
+        try:
+            if source == path:
+                out[key] = read(path)
+                continue
+            if not check_integrity(source, md5.get(f"{stem}.gz")):
+                raise Abort(f"{source} is not torchvision's original file (its md5 differs); delete "
+                            f"it, or replace it with the original")
+            with tempfile.TemporaryDirectory() as tmp, gzip.open(source) as packed:
+                with open(os.path.join(tmp, stem), "wb") as unpacked:
+                    shutil.copyfileobj(packed, unpacked)
+                out[key] = read(os.path.join(tmp, stem))
+        except (OSError, EOFError, ValueError, TypeError, AssertionError, RuntimeError) as error:
+            raise Abort(f"cannot read {source} ({type(error).__name__}: {' '.join(str(error).split())}); "
+                        "delete it, or replace it with the original")
+    return {"images": out["images"].unsqueeze(1), "labels": out["labels"]}
+
+
 def _decode_torchvision(cls_name, split, root, download):
     """Decode one split with torchvision into {"images": uint8 (N,C,H,W), "labels": int64 (N,)}."""
     cls = getattr(torchvision.datasets, cls_name)
+    if cls_name in ("MNIST", "FashionMNIST"):
+        data = _read_mnist_family(cls, split, root)
+        if data is None and download:
+            cls(root, train=split == "train", download=True)  # downloads and unpacks into raw/
+            data = _read_mnist_family(cls, split, root)
+        if data is None:
+            raise FileNotFoundError(f"no {cls_name}/raw/{'train' if split == 'train' else 't10k'}-*-ubyte(.gz)")
+        return data
     if cls_name in ("SVHN", "STL10"):
         ds = cls(root, split=split, download=download)
         return {"images": torch.from_numpy(ds.data), "labels": torch.from_numpy(ds.labels).long()}
     ds = cls(root, train=split == "train", download=download)
-    if cls_name in ("MNIST", "FashionMNIST"):
-        return {"images": ds.data.unsqueeze(1), "labels": ds.targets.long()}
     out = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
            "labels": torch.tensor(ds.targets, dtype=torch.long)}
     if cls_name == "CIFAR100":  # torchvision drops the 20 super-class labels; the pickle has them
@@ -226,29 +346,95 @@ def _decode_torchvision(cls_name, split, root, download):
     return out
 
 
+def _folders(path, depth):
+    """The set of folders at `path` and up to `depth` levels below it (no symlinks followed)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return set()
+    found = {path}
+    if depth:
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False):
+                found |= _folders(entry.path, depth - 1)
+    return found
+
+
+@contextlib.contextmanager
+def _no_new_empty_folders_on_failure(path):
+    """When the block raises, remove the empty folders it created: the missing parents of `path`,
+    `path` and up to two levels below it (where torchvision makes <root>/MNIST/raw, for example).
+    Folders that hold a file, or existed before, are kept."""
+    path = top = os.path.abspath(path)
+    while not os.path.isdir(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    depth = 2 + (len(os.path.relpath(path, top).split(os.sep)) if top != path else 0)
+    before = _folders(top, depth)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(_folders(top, depth) - before, key=len, reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # fails on a folder that is not empty
+        raise
+
+
+def _split_problem(data, num_classes, unlabeled):
+    """Why `data` is not a decoded split {"images": uint8 (N, C, H, W), "labels": int64 (N,) in
+    0..num_classes-1, or all -1 when `unlabeled`, optional "coarse_labels": int64 (N,) in 0..19},
+    or None when it is one."""
+    if not isinstance(data, dict) or not torch.is_tensor(data.get("images")) or not torch.is_tensor(data.get("labels")):
+        return "no images and labels tensors"
+    images = data["images"]
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        return f"images are {images.dtype} {tuple(images.shape)}, not uint8 (N, C, H, W)"
+    for key, classes in (("labels", num_classes), ("coarse_labels", 20)):
+        if key not in data:
+            continue
+        labels = data[key]
+        if not torch.is_tensor(labels) or labels.dtype != torch.long or labels.shape != (len(images),):
+            return f"{key} are not an int64 tensor ({len(images)},)"
+        if unlabeled and key == "labels":
+            if (labels != -1).any():
+                return "labels of an unlabeled split are not all -1"
+        elif len(labels) and (labels.min() < 0 or labels.max() >= classes):
+            return (f"{key} range over {labels.min().item()}..{labels.max().item()}, "
+                    f"outside the class ids 0..{classes - 1}")
+    return None
+
+
 def _load_split(name, split, data_dir, download):
-    """One stored split, from the cache `<name>-<split>.pt` or decoded by torchvision (then cached)."""
+    """One stored split, from the cache `<name>-<split>.pt` or decoded by torchvision (then cached),
+    checked (`_split_problem`): Abort naming the file when it is not a valid split."""
     cls_name, cache_name = DATASETS[name][:2]
+    num_classes = 100 if cache_name == "cifar100" else DATASETS[name][2]  # cifar100-20: fine labels too
+    unlabeled = (name, split) in UNLABELED_SPLITS
     path = os.path.join(data_dir, f"{cache_name}-{split}.pt")
     if os.path.exists(path):
         try:
             data = torch.load(path, weights_only=True)
-            n = len(data["labels"])
-            assert data["images"].dtype == torch.uint8 and data["images"].dim() == 4
-            assert data["images"].shape[0] == n and data["labels"].dtype == torch.long
         except Exception as error:
-            raise Abort(f"corrupt dataset cache {path} ({type(error).__name__}: {error}); delete it "
+            data, problem = None, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        else:
+            problem = _split_problem(data, num_classes, unlabeled)
+        if problem:
+            raise Abort(f"corrupt dataset cache {path} ({problem}); delete it "
                         "to rebuild it from torchvision's files")
         return data
     try:
-        data = _decode_torchvision(cls_name, split, data_dir, download)
+        with _no_new_empty_folders_on_failure(data_dir):
+            data = _decode_torchvision(cls_name, split, data_dir, download)
+    except Abort:
+        raise
     except Exception as error:
         raise Abort(f"{name} ({split} split) not found: looked for {path} and torchvision's "
                     f"{cls_name} files under {os.path.abspath(data_dir)}, and "
                     f"{'the download failed' if download else 'downloading is off'} "
-                    f"({type(error).__name__}: {str(error)[:200]}). On a machine with internet run "
+                    f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). On a machine with internet run "
                     f"torchvision.datasets.{cls_name}('{data_dir}', download=True), or point "
                     "--data-dir (or DATA_DIR) at a folder that holds the files")
+    problem = _split_problem(data, num_classes, unlabeled)
+    if problem:
+        raise Abort(f"torchvision's {cls_name} files under {os.path.abspath(data_dir)} give a bad "
+                    f"{split} split ({problem}); replace them with the original files")
     try:
         atomic_save(data, path)
     except OSError:
@@ -271,25 +457,23 @@ def long_tail_indices(labels, num_classes, imbalance, seed=0):
 
 def load_dataset(name, split="train", data_dir=None, device="cpu", download=True, imbalance=100.0,
                  seed=0, image_size=224):
-    """Load a dataset by name. Splits: train, test, all (= train + test, used transductively by
-    LSD-C); STL-10 also has unlabeled and train+unlabeled (label -1 = unknown). Small datasets
-    return a TensorImages on `device`; `imagefolder` returns a FolderImages over `data_dir`
-    (its train/ and val/ or test/ sub-folders when present, else the folder itself)."""
-    if name not in DATASETS:
-        raise Abort(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    splits = SPLITS.get(name, ("train", "test", "all"))
+    """Load a dataset by name. Splits (`dataset_splits`): train, test, all (= train + test, used
+    transductively by LSD-C); STL-10 also has unlabeled and train+unlabeled (label -1 = unknown);
+    the -lt datasets only train (long-tailed, `long_tail_indices`) and test. Small datasets return
+    a TensorImages on `device` (images uint8 (N, C, H, W), labels int64 (N,)); `imagefolder`
+    returns a FolderImages over `data_dir` (its splits: `image_folder_samples`). Raises Abort, in
+    one line naming the file or folder, for an unknown name or split, missing or unreadable files,
+    labels outside the classes, or an image folder layout that cannot be read."""
+    splits = dataset_splits(name)
     if split not in splits:
+        if name.endswith("-lt") and split == "all":
+            raise Abort(f"{name} has no split 'all' (its balanced test set would dilute the long "
+                        "tail); use --split train")
         raise Abort(f"{name} has no split {split!r}; choose one of {', '.join(splits)}")
     data_dir = data_dir or default_data_dir()
     mean, std = DATASETS[name][3:]
     if name == "imagefolder":
-        subdirs = {"train": ["train"], "test": ["val", "test"], "all": [""]}[split]
-        roots = [os.path.join(data_dir, s) for s in subdirs if os.path.isdir(os.path.join(data_dir, s))]
-        root = roots[0] if roots else data_dir
-        if not os.path.isdir(root):
-            raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
-                        "a folder of class sub-folders (or one with train/ and val/ inside)")
-        return FolderImages(root, image_size, device)
+        return FolderImages(*image_folder_samples(data_dir, split), image_size, device)
     if split == "all" or "+" in split:
         parts = ("train", "test") if split == "all" else split.split("+")
         parts = [load_dataset(name, p, data_dir, "cpu", download, imbalance, seed) for p in parts]
@@ -347,30 +531,49 @@ def random_crop(x, size, padding=0):
     return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # channels_last memory
 
 
-def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
-    aspect ratio ~ U(log ratio) (10 tries, else the whole image), then a bilinear resize to
-    `size` (without torchvision's antialiasing when it shrinks). `size` is an int or
-    (height, width); used for multi-crop global and local views."""
+def resized_crop(x, top, left, height, width, size):
+    """Crop box (top, left, height, width) of each sample then resize it bilinearly to `size` (an int
+    or (height, width)): torchvision's resized_crop(x, top, left, height, width, size,
+    antialias=False), i.e. F.interpolate(align_corners=False) of the crop, whose source coordinate
+    (j + 0.5) * width / out_w - 0.5 is clamped to [0, width - 1] so no pixel outside the box is read.
+    x: float (B, C, H, W); the box: numbers or tensors (B,) in pixels. Returns float (B, C, *size)."""
     B, _, H, W = x.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
+
+    def coordinates(start, length, out, full):  # grid_sample's normalised coordinates, (B, out)
+        start, length = (torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(B)[:, None]
+                         for v in (start, length))
+        steps = torch.arange(out, dtype=x.dtype, device=x.device)
+        source = torch.minimum(((steps + 0.5) * length / out - 0.5).clamp(min=0), length - 1)
+        return (2 * (start + source) + 1) / full - 1
+
+    cols = coordinates(left, width, out_w, W)[:, None, :].expand(B, out_h, out_w)
+    rows = coordinates(top, height, out_h, H)[:, :, None].expand(B, out_h, out_w)
+    grid = torch.stack([cols, rows], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop, batched: per sample, area fraction ~ U(scale) and log
+    aspect ratio ~ U(log ratio) at a uniform position (10 tries; else, as torchvision, the
+    largest centred box whose aspect ratio is within `ratio`), then `resized_crop` to `size`
+    (bilinear, without torchvision's antialiasing when it shrinks). `size` is an int or
+    (height, width); used for multi-crop global and local views."""
+    B, _, H, W = x.shape
     tries = 10
     area = H * W * torch.empty(B, tries, device=x.device).uniform_(*scale)
     log_r = torch.empty(B, tries, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     w, h = (area * log_r.exp()).sqrt().round(), (area / log_r.exp()).sqrt().round()
     ok = (w <= W) & (h <= H) & (w > 0) & (h > 0)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros_like(ok[:, 0], dtype=torch.long))
-    w = torch.where(ok.any(1), w.gather(1, first[:, None])[:, 0], torch.full_like(w[:, 0], W))
-    h = torch.where(ok.any(1), h.gather(1, first[:, None])[:, 0], torch.full_like(h[:, 0], H))
-    left = (torch.rand(B, device=x.device) * (W - w + 1)).floor()
-    top = (torch.rand(B, device=x.device) * (H - h + 1)).floor()
-    # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1] = w / W, h / H
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, (B, x.shape[1], out_h, out_w), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    found = ok.any(1)
+    first = ok.float().argmax(1)
+    fallback_w, fallback_h = ((W, round(W / ratio[0])) if W / H < ratio[0] else
+                              (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H))
+    w = torch.where(found, w.gather(1, first[:, None])[:, 0], float(fallback_w))
+    h = torch.where(found, h.gather(1, first[:, None])[:, 0], float(fallback_h))
+    left = torch.where(found, (torch.rand(B, device=x.device) * (W - w + 1)).floor(), float((W - fallback_w) // 2))
+    top = torch.where(found, (torch.rand(B, device=x.device) * (H - h + 1)).floor(), float((H - fallback_h) // 2))
+    return resized_crop(x, top, left, h, w, size)
 
 
 def horizontal_flip(x, p=0.5):
@@ -379,8 +582,9 @@ def horizontal_flip(x, p=0.5):
 
 
 def grayscale(x):
-    """ITU-R 601 luma (torchvision's rgb_to_grayscale), kept at 3 channels."""
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """torchvision's rgb_to_grayscale (ITU-R 601 luma with its weights 0.2989, 0.587, 0.114) of a
+    float (B, 3, H, W) batch, kept at 3 channels."""
+    gray = (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     return gray.expand_as(x)
 
 
@@ -736,24 +940,32 @@ def _as_numpy(a):
 
 
 def confusion_matrix(pred, labels, num_clusters=None, num_classes=None):
-    """counts[k, c] = #samples in cluster k with class c, built with one bincount."""
+    """counts[k, c] = #samples in cluster k with class c: int64 (num_clusters, num_classes), the sizes
+    defaulting to max id + 1, built with one bincount."""
     pred, labels = _as_numpy(pred).astype(np.int64), _as_numpy(labels).astype(np.int64)
-    K = num_clusters or int(pred.max()) + 1
-    C = num_classes or int(labels.max()) + 1
+    K = int(pred.max()) + 1 if num_clusters is None else num_clusters
+    C = int(labels.max()) + 1 if num_classes is None else num_classes
     return np.bincount(pred * C + labels, minlength=K * C).reshape(K, C)
 
 
-def cluster_to_class(counts):
-    """Map clusters to classes from a confusion matrix: the Hungarian one-to-one assignment that
-    maximises matched samples when clusters <= classes, else each cluster's majority class.
-    Returns an array of length K (class per cluster, -1 for an unmatched cluster)."""
-    K, C = counts.shape
-    if K > C:
-        return counts.argmax(1)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    mapping = np.full(K, -1)
-    mapping[rows] = cols
-    return mapping
+def cluster_to_class(counts, mapping="auto"):
+    """Map clusters to classes from a (K, C) confusion matrix, looking only at the clusters and
+    classes present (rows and columns with a count), as scikit-learn's contingency_matrix does:
+    "hungarian" is the one-to-one assignment (scipy's linear_sum_assignment) that maximises matched
+    samples, "majority" gives each cluster its most frequent class, and "auto" picks Hungarian when
+    no more clusters than classes are present, else majority. Returns an int64 array (K,) in the
+    original ids: the class of each cluster, -1 for a cluster absent or left unmatched."""
+    if mapping not in ("auto", "hungarian", "majority"):
+        raise ValueError(f"mapping must be auto, hungarian or majority, not {mapping!r}")
+    rows, cols = counts.sum(1).nonzero()[0], counts.sum(0).nonzero()[0]
+    present = counts[np.ix_(rows, cols)]
+    result = np.full(counts.shape[0], -1, dtype=np.int64)
+    if mapping == "majority" or (mapping == "auto" and len(rows) > len(cols)):
+        result[rows] = cols[present.argmax(1)]
+    else:
+        matched_rows, matched_cols = linear_sum_assignment(present, maximize=True)
+        result[rows[matched_rows]] = cols[matched_cols]
+    return result
 
 
 def nmi(a, b):
@@ -776,29 +988,57 @@ def ari(a, b):
                               np.unique(_as_numpy(b), return_inverse=True)[1]).astype(np.float64)
     pairs = lambda n: (n * (n - 1) / 2).sum()  # noqa: E731
     index, pairs_a, pairs_b = pairs(counts), pairs(counts.sum(1)), pairs(counts.sum(0))
-    expected = pairs_a * pairs_b / pairs(np.array([counts.sum()]))
+    total = pairs(np.array([counts.sum()]))
+    expected = pairs_a * pairs_b / total if total else 0.0  # one sample: no pair, a perfect 1.0 below
     maximum = (pairs_a + pairs_b) / 2
     return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
 
 
-def clustering_metrics(pred, labels, num_clusters=None):
-    """ACC (Hungarian, or majority vote with more clusters than classes), NMI and ARI, computed on
-    the samples with a known label (label >= 0), plus the confusion matrix."""
-    pred, labels = _as_numpy(pred), _as_numpy(labels)
+def clustering_metrics(pred, labels, num_clusters=None, num_classes=None, mapping="auto"):
+    """Clustering ACC, NMI and ARI of `pred` (K cluster ids, ints (N,)) against `labels` (ints (N,)),
+    scored on the samples with a known label (label >= 0; -1 = unknown, as STL-10's unlabeled split).
+    ACC maps clusters to classes with `cluster_to_class(confusion, mapping)`, which looks at the ids
+    present only. Returns {"acc", "nmi", "ari": floats, "confusion": int64 (num_clusters, num_classes)
+    counts indexed by the original ids (sizes default to max id + 1), "scored": number of labelled
+    samples}; with no labelled sample, acc/nmi/ari are None and the confusion is all zeros (shape
+    (0, 0) when the sizes are not given). Never raises on unknown labels."""
+    pred, labels = _as_numpy(pred).astype(np.int64), _as_numpy(labels).astype(np.int64)
     known = labels >= 0
     pred, labels = pred[known], labels[known]
-    counts = confusion_matrix(pred, labels, num_clusters)
-    mapping = cluster_to_class(counts)
-    acc = counts[np.arange(len(mapping)), mapping][mapping >= 0].sum() / max(len(labels), 1)
-    return {"acc": float(acc), "nmi": nmi(pred, labels), "ari": ari(pred, labels), "confusion": counts}
+    K = num_clusters or (int(pred.max()) + 1 if len(pred) else 0)
+    C = num_classes or (int(labels.max()) + 1 if len(labels) else 0)
+    counts = confusion_matrix(pred, labels, K, C)
+    if not len(labels):
+        return {"acc": None, "nmi": None, "ari": None, "confusion": counts, "scored": 0}
+    matched = cluster_to_class(counts, mapping)
+    acc = counts[np.arange(K), matched][matched >= 0].sum() / len(labels)
+    return {"acc": float(acc), "nmi": nmi(pred, labels), "ari": ari(pred, labels), "confusion": counts,
+            "scored": len(labels)}
+
+
+def format_scores(metrics, prefix=""):
+    """ "acc A nmi N ari R" (and LSD-C's confident share when present) for a printed line, or a note
+    that no sample has a label to score against."""
+    if metrics.get(prefix + "acc") is None:
+        return "no labelled sample to score"
+    line = " ".join(f"{k} {metrics[prefix + k]:.4f}" for k in ("acc", "nmi", "ari"))
+    if metrics.get(prefix + "confident_share") is not None:
+        line += (f" | confident {metrics[prefix + 'confident_acc']:.4f} of "
+                 f"{metrics[prefix + 'confident_share']:.2%}")
+    return line
 
 
 def confident_accuracy(probs, labels, threshold=0.9):
-    """LSD-C's confident samples (supplementary Fig. 1b): accuracy, under the mapping found on all
-    samples, of those whose top probability exceeds `threshold`, and their share."""
-    probs, labels = _as_numpy(probs), _as_numpy(labels)
+    """LSD-C's confident samples (supplementary Fig. 1b): for probs float (N, K) and labels ints (N,),
+    the accuracy, under the mapping `cluster_to_class` finds on all labelled samples, of the labelled
+    samples whose top probability exceeds `threshold`, and their share of the labelled samples.
+    Unknown labels (-1) are skipped; (None, None) when no sample has a label, (0.0, 0.0) when none
+    is confident."""
+    probs, labels = _as_numpy(probs), _as_numpy(labels).astype(np.int64)
     known = labels >= 0
     probs, labels = probs[known], labels[known]
+    if not len(labels):
+        return None, None
     pred = probs.argmax(1)
     mapping = cluster_to_class(confusion_matrix(pred, labels, probs.shape[1]))
     confident = probs.max(1) > threshold
@@ -812,7 +1052,13 @@ def knn_predict(train_features, train_labels, query_features, num_classes, k=200
                 chunk_elements=2 ** 26):
     """Weighted kNN (Wu et al. NPID; DINO): cosine similarity to the train set, top-k neighbours,
     each voting for its class with weight exp(sim / T). Queries are processed in chunks so the
-    similarity block stays under `chunk_elements` (1.28M x 2048 banks fit)."""
+    similarity block stays under `chunk_elements` (1.28M x 2048 banks fit). Training features
+    whose label is unknown (-1) have no vote and are left out of the bank. Features float (N, D),
+    labels int64 (N,); returns int64 (Q,) predicted classes; Abort when no training label is known."""
+    known = train_labels >= 0
+    if not known.any():
+        raise Abort("kNN evaluation needs labelled training features, and every label is unknown (-1)")
+    train_features, train_labels = train_features[known], train_labels[known]
     bank = F.normalize(train_features, dim=1)
     queries = F.normalize(query_features.to(bank.dtype), dim=1)
     k = min(k, len(bank))
@@ -829,9 +1075,21 @@ def knn_predict(train_features, train_labels, query_features, num_classes, k=200
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=100,
                  lr=0.1, weight_decay=0.0, batch_size=1024):
     """Logistic regression on frozen features, trained on their device: features standardised with
-    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns test accuracy."""
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
+    train statistics, SGD (momentum 0.9) with a cosine learning rate. Returns the test accuracy
+    (float) on the test samples with a known label; samples labelled -1 (unknown) are left out of
+    training and scoring, and None is returned when either set has no known label.
+    Features float (N, D), labels int64 (N,). A feature constant in training (std at most 1e-6 of
+    its largest magnitude) carries nothing to learn: it is set to 0 in both sets, so a test value
+    that differs from the training constant cannot swing the prediction."""
+    train_known, test_known = train_labels >= 0, test_labels >= 0
+    if not train_known.any() or not test_known.any():
+        return None
+    train_features, train_labels = train_features[train_known], train_labels[train_known]
+    test_features, test_labels = test_features[test_known], test_labels[test_known]
+    mean, std = train_features.mean(0), train_features.std(0)
+    constant = std <= 1e-6 * train_features.abs().amax(0)
+    scale = torch.where(constant, 0.0, 1 / std)
+    x_train, x_test = (train_features - mean) * scale, (test_features - mean) * scale
     head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x_train) / batch_size)
@@ -1115,8 +1373,7 @@ def fingerprint(data):
     the labels and a strided sample of the images; a folder dataset by its path and file list."""
     h = hashlib.sha1(f"{data.name}:{len(data)}:{data.num_classes}".encode())
     if isinstance(data, FolderImages):
-        h.update(os.path.abspath(data.folder.root).encode())
-        h.update("\n".join(path for path, _ in data.folder.samples).encode())
+        h.update("\n".join(f"{os.path.abspath(path)}:{label}" for path, label in data.samples).encode())
     else:
         h.update(data.labels.cpu().numpy().tobytes())
         h.update(data.images[::max(1, len(data) // 256)].cpu().numpy().tobytes())

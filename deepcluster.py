@@ -221,18 +221,27 @@ def reset_head(head, generator):
 # ================================================================================================
 # Method: PCA-whitening, L2 normalisation, k-means (clustering.py: preprocess_features, run_kmeans)
 # ================================================================================================
-def pca_whiten(x, dim, eps=1e-8):
-    """faiss.PCAMatrix(d, dim, eigen_power=-0.5): y = diag(lambda_1..dim)^(-1/2) U_dim^T (x - mean), with
-    (lambda, U) the leading eigenpairs of the covariance (float64), so cov(y) = I."""
+def pca_whiten(x, dim, eps=1e-8, chunk_elements=2 ** 24):
+    """faiss.PCAMatrix(d, dim, eigen_power=-0.5): y = diag(lambda_1..dim + eps lambda_1)^(-1/2)
+    U_dim^T (x - mean), with (lambda, U) the leading eigenpairs of the covariance (float64), so
+    cov(y) = I on the components well above eps lambda_1. x: float (N, D); returns float32 (N, dim).
+    The floor eps * lambda_1 is relative to the spectrum, so whitening x or s * x gives the same y
+    (an absolute floor whitened the rank-deficient directions' rounding noise up to signal level
+    once features were large). x is centred in float64, `chunk_elements` at a time, before the
+    float32 projection: no centred copy of x (ImageNet: 1.28M x 4096), and no float32
+    cancellation between x @ P and mean @ P when the features have a large mean."""
+    rows = max(1, chunk_elements // x.shape[1])
     mean = x.mean(0, dtype=torch.float64)
     cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for chunk in x.split(65536):
+    for chunk in x.split(rows):
         centred = chunk.double() - mean
         cov += centred.T @ centred
     eigenvalues, eigenvectors = torch.linalg.eigh(cov / len(x))  # ascending order
     top = eigenvalues.flip(0)[:dim].clamp(min=0)
-    projection = (eigenvectors.flip(1)[:, :dim] / (top + eps).sqrt()).float()
-    return x @ projection - mean.float() @ projection  # no centred copy of x (ImageNet: 1.28M x 4096)
+    floored = top + eps * top[0]
+    scale = torch.where(floored > 0, floored.rsqrt(), 0.0)  # constant x (all-zero spectrum): y = 0
+    projection = (eigenvectors.flip(1)[:, :dim] * scale).float()
+    return torch.cat([(chunk.double() - mean).float() @ projection for chunk in x.split(rows)])
 
 
 def preprocess(features, pca_dim):
@@ -431,7 +440,8 @@ def initial_alignment(args, data, prepare, run, device, channels, side):
             x = preprocess(features, pca)
             for k in args.ia_k:
                 labels = kmeans(x, k, args.kmeans_iters, args.kmeans_init, cycle_seed(seed, 0, 0))[0]
-                values[(k, pca)].append(common.nmi(labels, data.labels))
+                known = data.labels >= 0  # unknown labels (-1) are not a class
+                values[(k, pca)].append(common.nmi(labels[known], data.labels[known]))
                 line[f"ia_k{k}_pca{pca}"] = values[(k, pca)][-1]
         run.log(i, line, len(data), time.time() - t0)
     summary = {}

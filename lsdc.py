@@ -87,11 +87,14 @@ RESUMABLE = ("epochs", "lr", "rotnet_lr")
 
 def dataset_defaults(dataset):
     """The Table 1 row of `dataset` over the shared settings. Other datasets of common.py take
-    CIFAR-10's optimisation settings but no labeling threshold: those must be given."""
+    CIFAR-10's optimisation settings but no labeling threshold (those must be given), and cluster
+    train + test, or the train split of a long-tailed dataset."""
     if dataset in PAPER_DEFAULTS:
         return {**SHARED_DEFAULTS, **PAPER_DEFAULTS[dataset]}
     unset = dict(cosine_threshold=None, sne_threshold=None, sne_temperature=None, knn_k=None)
-    return {**SHARED_DEFAULTS, **PAPER_DEFAULTS["cifar10"], **unset}
+    # a long-tailed dataset has no split "all": the balanced test set would dilute its tail
+    split = "all" if "all" in common.SPLITS.get(dataset, ("all",)) else "train"
+    return {**SHARED_DEFAULTS, **PAPER_DEFAULTS["cifar10"], **unset, "split": split}
 
 
 # ================================================================================================
@@ -189,10 +192,9 @@ def check_args(p, args):
     known = [*common.DATASETS, "reuters10k"]
     if args.dataset not in known:
         p.error(f"unknown dataset {args.dataset!r}; choose one of {', '.join(known)}")
-    if args.dataset != "reuters10k":
-        splits = common.SPLITS.get(args.dataset, ("train", "test", "all"))
-        if args.split not in splits:
-            p.error(f"{args.dataset} has no split {args.split!r}; choose one of {', '.join(splits)}")
+    if args.dataset != "reuters10k" and args.split not in common.dataset_splits(args.dataset):
+        p.error(f"{args.dataset} has no split {args.split!r}; choose one of "
+                f"{', '.join(common.dataset_splits(args.dataset))}")
     missing = [k for k in LABELING_PARAMS[args.labeling] if getattr(args, k) is None]
     if missing:
         flags = " and ".join("--" + k.replace("_", "-") for k in missing)
@@ -511,10 +513,10 @@ def kmeans(x, k, iters=100, restarts=10):
 
 def kmeans_baseline(backbone, data, prepare, args, run):
     features, labels = common.extract_features(backbone, data, prepare, args.eval_batch_size, args.amp)
-    metrics = common.clustering_metrics(kmeans(features, args.num_clusters), labels, args.num_clusters)
+    metrics = common.clustering_metrics(kmeans(features, args.num_clusters), labels, args.num_clusters,
+                                        data.num_classes)
     metrics["confusion"] = metrics["confusion"].tolist()
-    run.print(f"k-means on RotNet features: acc {metrics['acc']:.4f} nmi {metrics['nmi']:.4f} "
-              f"ari {metrics['ari']:.4f}")
+    run.print(f"k-means on RotNet features: {common.format_scores(metrics)}")
     run.finish(metrics)
 
 
@@ -552,14 +554,14 @@ def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, l
 # ================================================================================================
 # Evaluation
 # ================================================================================================
-def score(logits, labels, num_clusters):
+def score(logits, labels, num_clusters, num_classes):
     """ACC (Hungarian), NMI, ARI of the head's argmax, LSD-C's confident-sample accuracy and share
     (max probability > 0.9, supplementary Fig. 1b), the median max probability, and the share of the
     smallest cluster. The median is the steady reading of confidence: when most max probabilities sit
     just below 0.9, small shifts of the logits' scale swing the share above 0.9 from epoch to epoch."""
     probs = logits.softmax(1)
     pred = probs.argmax(1)
-    metrics = common.clustering_metrics(pred, labels, num_clusters)
+    metrics = common.clustering_metrics(pred, labels, num_clusters, num_classes)
     metrics["confident_acc"], metrics["confident_share"] = common.confident_accuracy(probs, labels, 0.9)
     metrics["median_confidence"] = probs.max(1).values.quantile(0.5).item()
     metrics["smallest_cluster"] = torch.bincount(pred, minlength=num_clusters).min().item() / len(pred)
@@ -572,14 +574,15 @@ def evaluate(model, data, test_data, prepare, args):
     test split is the tail of the data (train + test): its predictions are sliced off, not recomputed
     (BatchNorm in eval mode makes each prediction independent of the rest of its batch)."""
     logits, labels = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
-    metrics = score(logits, labels, args.num_clusters)
+    metrics = score(logits, labels, args.num_clusters, data.num_classes)
     if test_data is not None:
         if args.split == "all":
             test_logits, test_labels = logits[-len(test_data):], labels[-len(test_data):]
         else:
             test_logits, test_labels = common.extract_features(model, test_data, prepare,
                                                                args.eval_batch_size, args.amp)
-        metrics.update({f"test_{k}": v for k, v in score(test_logits, test_labels, args.num_clusters).items()})
+        test_scores = score(test_logits, test_labels, args.num_clusters, data.num_classes)
+        metrics.update({f"test_{k}": v for k, v in test_scores.items()})
     return metrics
 
 
@@ -648,10 +651,9 @@ def main(argv=None):
     result = evaluate(raw_model, data, test_data, prepare, args)
     result = {k: v.tolist() if "confusion" in k else v for k, v in result.items()}
     run.finish({**result, "epochs": args.epochs})
-    run.print(f"final ({args.split}): acc {result['acc']:.4f} nmi {result['nmi']:.4f} ari {result['ari']:.4f} "
-              f"| confident {result['confident_acc']:.4f} of {result['confident_share']:.2%} "
-              f"(median max probability {result['median_confidence']:.3f})"
-              + (f" | test acc {result['test_acc']:.4f}" if test_data is not None else ""))
+    test = f" | test: {common.format_scores(result, 'test_')}" if test_data is not None else ""
+    run.print(f"final ({args.split}): {common.format_scores(result)} | median max probability "
+              f"{result['median_confidence']:.3f}{test}")
 
 
 if __name__ == "__main__":

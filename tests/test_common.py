@@ -1,5 +1,7 @@
 """Unit tests of common.py: metrics, kNN / linear probe, augmentations, backbones, data, plumbing."""
 import argparse
+import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -8,6 +10,8 @@ import pickle
 import random
 import shutil
 import socket
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -99,6 +103,58 @@ def test_confident_accuracy():
     assert common.confident_accuracy(probs_wrong, labels, 0.9) == (1.0, 0.5)
 
 
+def brute_force_mapping_accuracy(pred, labels):
+    """Best accuracy over every one-to-one map from the cluster ids present to the class ids present
+    (clusters left over count as wrong), straight from the definition."""
+    clusters, classes = sorted(set(pred)), sorted(set(labels))
+    best = 0
+    for image in itertools.permutations(classes, min(len(clusters), len(classes))):
+        for chosen in itertools.combinations(clusters, len(image)):
+            mapping = dict(zip(chosen, image))
+            best = max(best, np.mean([mapping.get(p, -1) == y for p, y in zip(pred, labels)]))
+    return best
+
+
+def test_mapping_depends_on_the_ids_present_not_on_the_largest_id():
+    # the same partition with cluster ids 1/2 and 0/1: two clusters, two classes -> one-to-one
+    # cluster 1 = {0, 0, 1}, cluster 2 = {0, 0, 1}: best one-to-one is 2 + 1 = 3 of 6
+    assert common.clustering_metrics([1, 1, 1, 2, 2, 2], [0, 0, 1, 0, 0, 1])["acc"] == pytest.approx(0.5)
+    assert common.clustering_metrics([0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 1])["acc"] == pytest.approx(0.5)
+    # the confusion stays indexed by the original ids
+    m = common.clustering_metrics([1, 1, 1, 2, 2, 2], [0, 0, 1, 0, 0, 1], 3, 2)
+    assert m["confusion"].tolist() == [[0, 0], [2, 1], [2, 1]] and m["scored"] == 6
+    # a scored subset without the top class: 2 clusters present, 2 classes present (0 and 2)
+    pred, labels = [0, 0, 0, 1, 1, 1, 1], [0, 0, 2, 0, 0, 2, -1]
+    assert common.clustering_metrics(pred, labels, 2, 3)["acc"] == pytest.approx(0.5)
+    # the caller may ask for a mapping: majority vote maps both clusters to class 0 (4 of 6)
+    majority = common.clustering_metrics([1, 1, 1, 2, 2, 2], [0, 0, 1, 0, 0, 1], mapping="majority")
+    assert majority["acc"] == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hungarian_on_present_ids_matches_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    clusters = rng.choice(9, rng.integers(2, 5), replace=False)  # sparse ids, 2-4 of them
+    classes = rng.choice(7, rng.integers(len(clusters), 6), replace=False)
+    labels = rng.choice(classes, 60)
+    pred = rng.choice(clusters, 60)
+    pred[:len(clusters)], labels[:len(classes)] = clusters, classes  # every id is present
+    expected = brute_force_mapping_accuracy(pred.tolist(), labels.tolist())
+    assert common.clustering_metrics(pred, labels, 9, 7)["acc"] == pytest.approx(expected)
+    assert common.clustering_metrics(pred, labels)["acc"] == pytest.approx(expected)
+
+
+def test_metrics_with_no_labelled_sample_say_so():
+    m = common.clustering_metrics([0, 1], [-1, -1], 2)
+    assert (m["acc"], m["nmi"], m["ari"], m["scored"]) == (None, None, None, 0)
+    assert m["confusion"].sum() == 0
+    assert common.confident_accuracy(np.array([[0.95, 0.05], [0.2, 0.8]]), np.array([-1, -1])) == (None, None)
+    # one labelled sample among unknowns is scored alone
+    m = common.clustering_metrics([0, 1, 1], [-1, 1, -1], 2, 2)
+    assert (m["acc"], m["scored"], m["confusion"].tolist()) == (1.0, 1, [[0, 0], [0, 1]])
+    assert m["ari"] == 1.0  # one sample: no pair to disagree on (scikit-learn's convention)
+
+
 # ------------------------------------------------------------------------------------------------
 # kNN and linear probe
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +175,21 @@ def test_knn_on_separable_data():
     assert (common.knn_predict(train_x, shuffled, test_x, 5, k=20) == test_y).float().mean() < 0.4
 
 
+def test_knn_and_linear_probe_leave_out_unknown_labels():
+    train_x, train_y = blobs(600, 16, 5, 0.5, 0)
+    test_x, test_y = blobs(200, 16, 5, 0.5, 0)
+    unlabeled = torch.randn(300, 16, generator=torch.Generator().manual_seed(3)) * 3
+    with_unknown = torch.cat([train_x, unlabeled]), torch.cat([train_y, torch.full((300,), -1)])
+    expected = common.knn_predict(train_x, train_y, test_x, 5, k=20)
+    assert torch.equal(common.knn_predict(*with_unknown, test_x, 5, k=20), expected)
+    with pytest.raises(common.Abort, match="every label is unknown"):
+        common.knn_predict(unlabeled, torch.full((300,), -1), test_x, 5)
+    test_with_unknown = torch.cat([test_x, unlabeled]), torch.cat([test_y, torch.full((300,), -1)])
+    torch.manual_seed(0)
+    assert common.linear_probe(*with_unknown, *test_with_unknown, 5, epochs=10) > 0.97
+    assert common.linear_probe(train_x, train_y, unlabeled, torch.full((300,), -1), 5, epochs=1) is None
+
+
 def test_knn_weighting_prefers_closer_neighbours():
     bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
     labels = torch.tensor([0, 1, 1])
@@ -131,9 +202,21 @@ def test_knn_weighting_prefers_closer_neighbours():
 def test_linear_probe_on_separable_data():
     train_x, train_y = blobs(1000, 32, 4, 1.0, 1)
     test_x, test_y = blobs(400, 32, 4, 1.0, 1)
+    torch.manual_seed(0)  # the head's initialisation and batch order
     assert common.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=20) > 0.97
     # labels unrelated to the features: chance level
-    assert common.linear_probe(train_x, train_y[torch.randperm(1000)], test_x, test_y, 4, epochs=20) < 0.5
+    shuffled = train_y[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    assert common.linear_probe(train_x, shuffled, test_x, test_y, 4, epochs=20) < 0.5
+
+
+def test_linear_probe_ignores_a_feature_constant_in_training():
+    train_x, train_y = blobs(1000, 32, 4, 1.0, 1)
+    test_x, test_y = blobs(400, 32, 4, 1.0, 1)
+    # an extra feature, 0.5 on every training sample, 0.6 on every test sample
+    train_x = torch.cat([train_x, torch.full((1000, 1), 0.5)], 1)
+    test_x = torch.cat([test_x, torch.full((400, 1), 0.6)], 1)
+    torch.manual_seed(0)
+    assert common.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=20) > 0.97
 
 
 def test_extract_features_order_and_mode():
@@ -203,6 +286,39 @@ def test_random_resized_crop_full_scale_is_identity():
     assert common.random_resized_crop(x, (12, 20), scale=(0.1, 0.3)).shape == (8, 3, 12, 20)
 
 
+@pytest.mark.parametrize("size", [(8, 13), (24, 40), (11, 17)])
+def test_resized_crop_matches_torchvision_inside_the_box(size):
+    x = torch.rand(3, 3, 20, 30, generator=torch.Generator().manual_seed(0))
+    top, left, height, width = 3, 5, 11, 17
+    expected = torchvision.transforms.functional.resized_crop(x, top, left, height, width, list(size),
+                                                              antialias=False)
+    out = common.resized_crop(x, top, left, height, width, size)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5)
+    # per-sample boxes as tensors: each sample is cropped from its own box
+    tops, lefts, heights, widths = (torch.tensor(v, dtype=torch.float32) for v in
+                                    ([0, 3, 9], [0, 5, 13], [20, 11, 7], [30, 17, 17]))
+    out = common.resized_crop(x, tops, lefts, heights, widths, size)
+    for i in range(3):
+        box = [int(v[i]) for v in (tops, lefts, heights, widths)]
+        one = torchvision.transforms.functional.resized_crop(x[i:i + 1], *box, list(size), antialias=False)
+        assert torch.allclose(out[i:i + 1], one, atol=1e-5)
+
+
+def test_random_resized_crop_falls_back_to_torchvision_centre_crop():
+    # 10 x 40 at full area: w = sqrt(400 r) <= 23 forces h >= 17 > 10, so all 10 tries fail and
+    # torchvision takes the centred box of ratio 4/3 at full height: h 10, w 13, top 0, left 13
+    x = torch.rand(2, 3, 10, 40, generator=torch.Generator().manual_seed(0))
+    out = common.random_resized_crop(x, 6, scale=(1.0, 1.0))
+    expected = torchvision.transforms.functional.resized_crop(x, 0, 13, 10, 13, [6, 6], antialias=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_grayscale_matches_torchvision():
+    x = torch.rand(4, 3, 9, 7, generator=torch.Generator().manual_seed(0))
+    expected = torchvision.transforms.functional.rgb_to_grayscale(x, num_output_channels=3)
+    assert torch.allclose(common.grayscale(x), expected, atol=1e-6)
+
+
 def test_flip_flips_or_keeps_each_sample():
     x = batch(32)
     out = common.horizontal_flip(x, p=0.5)
@@ -222,7 +338,7 @@ def test_hsv_round_trip_and_hue_shift():
 def test_grayscale_and_solarize_values():
     x = torch.tensor([0.2, 0.6, 0.9]).view(1, 3, 1, 1)
     gray = common.random_grayscale(x, p=1.0)
-    assert torch.allclose(gray.flatten(), torch.full((3,), 0.299 * 0.2 + 0.587 * 0.6 + 0.114 * 0.9))
+    assert torch.allclose(gray.flatten(), torch.full((3,), 0.2989 * 0.2 + 0.587 * 0.6 + 0.114 * 0.9))
     assert torch.allclose(common.solarize(x, p=1.0).flatten(), torch.tensor([0.2, 0.4, 0.1]))
 
 
@@ -384,6 +500,56 @@ def test_unknown_dataset_and_split():
         common.load_dataset("cifar10", "unlabeled")
 
 
+def test_dataset_splits_and_long_tail_keeps_its_tail(tmp_path):
+    assert common.dataset_splits("cifar10") == ("train", "test", "all")
+    assert common.dataset_splits("cifar10-lt") == ("train", "test")
+    assert common.dataset_splits("cifar100-lt") == ("train", "test")
+    assert common.dataset_splits("stl10") == ("train", "test", "unlabeled", "train+unlabeled", "all")
+    for name in common.DATASETS:
+        assert common.dataset_splits(name) == common.SPLITS.get(name, ("train", "test", "all"))
+    with pytest.raises(common.Abort, match="unknown dataset 'cifar11'"):
+        common.dataset_splits("cifar11")
+    torch.save({"images": torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), "labels": torch.arange(1000) % 10},
+               tmp_path / "cifar10-train.pt")
+    torch.save({"images": torch.zeros(100, 3, 2, 2, dtype=torch.uint8), "labels": torch.arange(100) % 10},
+               tmp_path / "cifar10-test.pt")
+    with pytest.raises(common.Abort, match=r"no split 'all' .*long tail.*use --split train$"):
+        common.load_dataset("cifar10-lt", "all", str(tmp_path), download=False)
+    train = common.load_dataset("cifar10-lt", "train", str(tmp_path), download=False, imbalance=10)
+    counts = torch.bincount(train.labels).tolist()
+    assert counts[0] == 100 and counts[-1] == 10  # 100 * 10^(-9/9)
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path, monkeypatch):
+    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.arange(10, 50)}, tmp_path / "cifar10-test.pt")
+    with pytest.raises(common.Abort, match=r"cifar10-test\.pt .*10\.\.49, outside the class ids 0\.\.9"):
+        common.load_dataset("cifar10", "test", str(tmp_path), download=False)
+    # -1 (unknown) only where the dataset has unlabeled data
+    torch.save({"images": images, "labels": torch.full((40,), -1)}, tmp_path / "cifar10-train.pt")
+    with pytest.raises(common.Abort, match=r"cifar10-train\.pt .*-1\.\.-1"):
+        common.load_dataset("cifar10", "train", str(tmp_path), download=False)
+    torch.save({"images": images[:, :, :3, :3], "labels": torch.full((40,), -1)}, tmp_path / "stl10-unlabeled.pt")
+    assert (common.load_dataset("stl10", "unlabeled", str(tmp_path), download=False).labels == -1).all()
+    # coarse labels of CIFAR-100 are checked against the 20 super-classes
+    torch.save({"images": images, "labels": torch.arange(40), "coarse_labels": torch.arange(40)},
+               tmp_path / "cifar100-test.pt")
+    with pytest.raises(common.Abort, match=r"cifar100-test\.pt .*coarse_labels range over 0\.\.39"):
+        common.load_dataset("cifar100-20", "test", str(tmp_path), download=False)
+    # files decoded by torchvision are checked before their cache is written
+    class BadLabels(FakeTorchvisionSplit):
+        layout, side = "NCHW", 32
+
+        def __init__(self, root, split=None, download=False):
+            super().__init__(root, split=split)
+            self.labels[1] = 10
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", BadLabels)
+    with pytest.raises(common.Abort, match=r"SVHN files under .* bad train split \(labels range over 0\.\.10"):
+        common.load_dataset("svhn", "train", str(tmp_path))
+    assert not (tmp_path / "svhn-train.pt").exists()
+
+
 def test_missing_files_offline_say_where_and_how(tmp_path):
     with pytest.raises(common.Abort) as info:
         common.load_dataset("cifar10", "train", str(tmp_path), download=False)
@@ -400,6 +566,11 @@ def test_cache_is_used_and_corrupt_cache_is_reported(tmp_path):
     (tmp_path / "cifar10-train.pt").write_bytes(b"not a tensor file")
     with pytest.raises(common.Abort, match="corrupt dataset cache"):
         common.load_dataset("cifar10", "train", str(tmp_path))
+    # torch.load's refusal of a non-tensor object spans many lines: the message keeps to one
+    torch.save({"images": np.zeros((2, 3, 4, 4), np.uint8), "labels": labels[:2]}, tmp_path / "cifar10-train.pt")
+    with pytest.raises(common.Abort, match=r"corrupt dataset cache .*cifar10-train\.pt \(UnpicklingError") as info:
+        common.load_dataset("cifar10", "train", str(tmp_path))
+    assert "\n" not in str(info.value)
 
 
 def test_cifar100_20_uses_the_coarse_labels(tmp_path):
@@ -449,6 +620,51 @@ def test_torchvision_decoding_and_cache(name, cls, layout, side, tmp_path, monke
         assert len(both) == 21 and (both.labels == -1).sum() == 9
 
 
+def write_idx_gz(path, array):
+    """The IDX format of LeCun's MNIST files (big-endian magic 0x08 = uint8 and the number of
+    dimensions, then each dimension as a big-endian int32, then the bytes), gzip-compressed."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_family_gz_files_are_read_without_writing_beside_them(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images, labels = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)
+    write_idx_gz(raw / "t10k-images-idx3-ubyte.gz", images)
+    write_idx_gz(raw / "t10k-labels-idx1-ubyte.gz", labels)
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in raw.iterdir()}
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", list(md5.items()))
+    data = common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
+    assert np.array_equal(data.images.numpy(), images[:, None]) and data.labels.tolist() == labels.tolist()
+    assert sorted(os.listdir(raw)) == sorted(md5)  # nothing unpacked beside the .gz files
+    # a damaged .gz is named
+    (tmp_path / "fashion-mnist-test.pt").unlink()
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(common.Abort, match=r"t10k-labels-idx1-ubyte\.gz is not torchvision's original file"):
+        common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
+    # so is a truncated unpacked file (read in place of its .gz)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 7, 3]))  # 7 labels announced, 1 there
+    with pytest.raises(common.Abort, match=r"cannot read .*t10k-labels-idx1-ubyte \(RuntimeError: .*\); delete it"):
+        common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "stl10"])
+def test_offline_download_fails_in_one_line_and_creates_no_folder(name, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno 101] Network is unreachable\nsecond line")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data_dir, download in ((empty, True), (empty, False), (tmp_path / "nowhere" / "data", True)):
+        with pytest.raises(common.Abort, match=rf"{name} \(train split\) not found") as info:
+            common.load_dataset(name, "train", str(data_dir), download=download)
+        assert "\n" not in str(info.value)
+        assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(empty) == []
+
+
 def test_imagefolder(tmp_path):
     from PIL import Image
     for c in ("cat", "dog"):
@@ -466,6 +682,71 @@ def test_imagefolder(tmp_path):
     assert seen == [5, 0, 3, 1, 2, 4]
 
 
+def make_image_folder(root, layout):
+    """layout: {relative folder: number of PNG images}; the images' colour encodes their index."""
+    from PIL import Image
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (20, 16), (10 * i, 0, 0)).save(root / folder / f"{i}.png")
+
+
+def test_imagefolder_splits_share_one_class_list(tmp_path):
+    make_image_folder(tmp_path, {"train/cat": 2, "train/cow": 3, "train/dog": 1, "val/cat": 1, "val/dog": 2})
+    everything = common.load_dataset("imagefolder", "all", str(tmp_path), image_size=8)
+    # all = train + val, 3 classes (not the 2 folders train and val)
+    assert everything.num_classes == 3 and everything.classes == ["cat", "cow", "dog"] and len(everything) == 9
+    assert everything.labels.tolist() == [0, 0, 1, 1, 1, 2, 0, 2, 2]
+    val = common.load_dataset("imagefolder", "test", str(tmp_path), image_size=8)
+    assert val.num_classes == 3 and val.labels.tolist() == [0, 2, 2]  # dog keeps id 2 without cow
+    assert [os.path.relpath(p, tmp_path) for p, _ in val.samples] == ["val/cat/0.png", "val/dog/0.png", "val/dog/1.png"]
+    assert common.load_dataset("imagefolder", "train", str(tmp_path)).labels.tolist() == [0, 0, 1, 1, 1, 2]
+    # a folder of class folders is the data of every split
+    flat = tmp_path / "train"
+    for split in ("train", "test", "all"):
+        data = common.load_dataset("imagefolder", split, str(flat))
+        assert data.classes == ["cat", "cow", "dog"] and data.labels.tolist() == [0, 0, 1, 1, 1, 2]
+
+
+def test_imagefolder_layouts_that_cannot_work_are_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(common.Abort, match=f"no class folder in {empty}; .*\\.jpg"):
+        common.load_dataset("imagefolder", "all", str(empty))
+    make_image_folder(tmp_path / "notes", {"cat": 2, "dog": 0})
+    (tmp_path / "notes" / "dog" / "readme.txt").write_text("dogs go here")
+    with pytest.raises(common.Abort, match=f"no image in {tmp_path / 'notes' / 'dog'} .*\\.png"):
+        common.load_dataset("imagefolder", "train", str(tmp_path / "notes"))
+    make_image_folder(tmp_path / "only_train", {"train/cat": 1})
+    with pytest.raises(common.Abort, match="only_train has no val/ or test/ for the test split"):
+        common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
+    (tmp_path / "only_train" / "val").mkdir()  # an empty val/: the test split has no image
+    with pytest.raises(common.Abort, match=f"no image in the class folders of {tmp_path / 'only_train' / 'val'} "):
+        common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
+    assert len(common.load_dataset("imagefolder", "all", str(tmp_path / "only_train"))) == 1
+    with pytest.raises(common.Abort, match="nowhere is not a folder"):
+        common.load_dataset("imagefolder", "train", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagefolder_unreadable_image_is_named(tmp_path, workers):
+    from PIL import Image
+    make_image_folder(tmp_path, {"cat": 3, "dog": 3})
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "dog" / "photo.jpg")
+    whole = (tmp_path / "dog" / "photo.jpg").read_bytes()
+    (tmp_path / "dog" / "photo.jpg").write_bytes(whole[:len(whole) // 2])  # truncated JPEG
+    data = common.load_dataset("imagefolder", "train", str(tmp_path), image_size=8)
+    data.workers = workers
+    bad = 6  # cat/0-2.png, dog/0-2.png, dog/photo.jpg in ImageFolder's sorted order
+    assert len(next(data.batches(torch.tensor([0, 1]), 2))[0]) == 2  # the valid images load
+    with pytest.raises(common.Abort, match=f"cannot read the image {tmp_path / 'dog' / 'photo.jpg'} "
+                                           r"\(OSError: .*[Tt]runcated.*\); remove or replace it$"):
+        list(data.batches(torch.arange(len(data)), 4))
+    (tmp_path / "dog" / "photo.jpg").write_bytes(b"not an image")
+    with pytest.raises(common.Abort, match="cannot read the image .*photo.jpg .*UnidentifiedImageError"):
+        list(data.batches(torch.tensor([bad]), 1, random_crop=True))
+
+
 DATA_DIR = os.environ.get("DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA_DIR, reason="DATA_DIR is not set: real datasets are not available")
 
@@ -473,8 +754,8 @@ needs_data = pytest.mark.skipif(not DATA_DIR, reason="DATA_DIR is not set: real 
 @needs_data
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 def test_real_mnist_family(name, folder, tmp_path):
-    """torchvision reads the raw files of DATA_DIR (copied, as it unpacks them beside themselves),
-    then the decoded cache is written and used."""
+    """The raw .gz files of DATA_DIR (copied, as the decoded cache is written beside them) are
+    read without unpacking them there, then the decoded cache is written and used."""
     if not os.path.isdir(os.path.join(DATA_DIR, folder, "raw")):
         pytest.skip(f"{folder}/raw is not in {DATA_DIR}")
     shutil.copytree(os.path.join(DATA_DIR, folder, "raw"), tmp_path / folder / "raw")
@@ -483,6 +764,7 @@ def test_real_mnist_family(name, folder, tmp_path):
     test = common.load_dataset(name, "test", str(tmp_path), download=True)
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(train.labels).min() > 5000 and torch.bincount(test.labels).min() > 800
+    assert sorted(os.listdir(tmp_path / folder / "raw")) == sorted(os.listdir(os.path.join(DATA_DIR, folder, "raw")))
     mean = common.to_float(train.images[:10000]).mean().item()
     assert mean == pytest.approx(common.DATASETS[name][3][0], abs=0.01)
     shutil.rmtree(tmp_path / folder)  # now only the cache remains

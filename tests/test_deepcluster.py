@@ -100,6 +100,41 @@ def test_pca_whitening_gives_identity_covariance_on_the_leading_components():
     assert np.allclose(y.double().numpy() * signs, reference, atol=1e-3)
 
 
+def low_rank_features(n=3000, signal=10, dim=84, seed=0):
+    """`dim`-d features spanned by a `signal`-d space holding 10 separated classes (rank deficient)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    z = torch.randn(10, signal, generator=g)[labels] * 3 + torch.randn(n, signal, generator=g)
+    return z @ torch.randn(signal, dim, generator=g), labels
+
+
+def agree_up_to_sign(a, b):
+    """Component-wise sign alignment of b to a (an eigenvector's sign is arbitrary)."""
+    return b * torch.sign((a * b).sum(0))
+
+
+def test_pca_whitening_does_not_depend_on_the_scale_of_the_features():
+    x, labels = low_rank_features()
+    y1, y1000 = deepcluster.pca_whiten(x, 20), deepcluster.pca_whiten(1000 * x, 20)
+    # the 10 signal components are the same; the 10 beyond the rank hold only rounding noise
+    assert torch.allclose(y1[:, :10], agree_up_to_sign(y1[:, :10], y1000[:, :10]), atol=1e-4)
+    assert y1[:, 10:].abs().max() < 0.01 and y1000[:, 10:].abs().max() < 0.01
+    nmis = [common.nmi(deepcluster.kmeans(deepcluster.preprocess(s * x, 20), 10, seed=0)[0], labels)
+            for s in (1, 1000)]
+    assert nmis[0] > 0.9 and nmis[1] == pytest.approx(nmis[0])
+    # constant features (an all-zero spectrum) whiten to zeros, not NaN
+    assert torch.equal(deepcluster.pca_whiten(torch.full((6, 4), 3.0), 2), torch.zeros(6, 2))
+
+
+def test_pca_whitening_is_exact_with_a_large_mean():
+    x, _ = low_rank_features(signal=32, dim=32)
+    x = (x * 64).round() / 64  # multiples of 1/64 below 2^14: x + 1e4 is exact in float32
+    shifted = x + 1e4
+    assert torch.equal(shifted - 1e4, x)
+    y, y_shifted = deepcluster.pca_whiten(x, 10), deepcluster.pca_whiten(shifted, 10, chunk_elements=32 * 7)
+    assert torch.allclose(y, agree_up_to_sign(y, y_shifted), atol=1e-5)
+
+
 def test_uniform_sampler_draws_n_over_k_per_non_empty_cluster():
     sizes = [1000, 10, 0, 300, 1]
     labels = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])[torch.randperm(1311)]

@@ -221,6 +221,7 @@ def test_freeze_blocks_leaves_layer4_and_head_trainable():
     (["--dataset", "synthetic", "--mix-beta", "0"], "argument --mix-beta: '0' is not a positive number"),
     (["--dataset", "synthetic", "--crop-padding", "-1"], "argument --crop-padding"),
     (["--dataset", "synthetic", "--split", "unlabeled"], "synthetic has no split 'unlabeled'"),
+    (["--dataset", "cifar10-lt", "--knn-k", "20", "--split", "all"], "cifar10-lt has no split 'all'"),
     (["--kmeans-baseline", "--rotnet-only"], "exclude each other"),
 ])
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
@@ -268,7 +269,9 @@ def test_runtime_user_errors_exit_2_and_create_no_run(flags, message, tmp_path, 
     write_weights(tmp_path / "width8.pt", 8)
     flags = [f.format(tmp=tmp_path) for f in flags]
     if "--resume" not in flags and "--out-dir" not in flags:
-        flags += ["--out-dir", str(tmp_path / "run"), "--rotnet-dir", str(tmp_path / "rotnet")]
+        flags += ["--out-dir", str(tmp_path / "run")]
+    if "--resume" not in flags and "--rotnet-dir" not in flags:
+        flags += ["--rotnet-dir", str(tmp_path / "rotnet")]
     with pytest.raises(SystemExit) as info:
         common.run_main(lambda: lsdc.main(flags))
     err = capsys.readouterr().err
