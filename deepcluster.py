@@ -577,18 +577,20 @@ def main(argv=None):
     model = common.wrap_model(raw_model, device, args.compile)
 
     # --- training
-    for cycle in range(start, args.cycles):
+    for epoch in range(start, args.cycles):  # an epoch is a cycle: clustering, then training
         if not run.inside_epoch:  # a run stopped inside this cycle continues it with its labels and head
             clustering.clear()
-            if args.halt_clustering is None or cycle < args.halt_clustering:  # Deep Dive Sec. 4.2
+            if args.halt_clustering is None or epoch < args.halt_clustering:  # Deep Dive Sec. 4.2
                 raw_model.eval()
-                clustering.update(cluster(raw_model, data, prepare, labels, args, cycle, device))
-            reset_head(raw_model.head, torch.Generator().manual_seed(cycle_seed(args.seed, cycle, 2)))
-        raw_model.train()
+                clustering.update(cluster(raw_model, data, prepare, labels, args, epoch, device))
+            reset_head(raw_model.head, torch.Generator().manual_seed(cycle_seed(args.seed, epoch, 2)))
         t0 = time.time()
-        meter, images_seen = train_one_epoch(model, optimizer, data, augment, args, cycle, run, device, labels)
-        metrics = {**clustering, **meter.averages(cycle, run)}  # waits for the device: the time is complete
-        run.end_epoch(cycle, metrics, images_seen, time.time() - t0)
+        raw_model.train()
+        meter, images_seen = train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, labels)
+        metrics = meter.averages(epoch, run)  # waits for the device, so the time below is complete
+        seconds = time.time() - t0
+        metrics.update(lr=optimizer.param_groups[0]["lr"], **clustering)
+        run.end_epoch(epoch, metrics, images_seen, seconds)
 
     # --- final evaluation
     result = {"cycles": args.cycles, **evaluate(raw_model, data, labels, probe_train, probe_test, augment,

@@ -523,9 +523,10 @@ def kmeans_baseline(backbone, data, prepare, args, run):
 # ================================================================================================
 # Training
 # ================================================================================================
-def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, log_pair_quality=True):
+def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device):
     """One epoch of LSD-C; returns the meter of losses and the number of images trained on."""
     meter, images_seen, weight = common.Meter(), 0, mse_weight(args, epoch)
+    log_pair_quality = bool((data.labels >= 0).all())  # not on splits with unlabeled samples (label -1)
     for _, images, labels in run.batches(data, args.batch_size, epoch, meter):
         x1, x2, x3 = augment(images), augment(images), augment(images)
         mix = None
@@ -634,12 +635,10 @@ def main(argv=None):
     model = common.wrap_model(raw_model, device, args.compile)
 
     # --- training
-    log_pair_quality = bool((data.labels >= 0).all())  # not on splits with unlabeled samples (label -1)
     for epoch in range(start, args.epochs):
         t0 = time.time()
         raw_model.train()
-        meter, images_seen = train_one_epoch(model, optimizer, data, augment, args, epoch, run, device,
-                                             log_pair_quality)
+        meter, images_seen = train_one_epoch(model, optimizer, data, augment, args, epoch, run, device)
         scheduler.step()
         metrics = meter.averages(epoch, run)  # waits for the device, so the time below is complete
         seconds = time.time() - t0

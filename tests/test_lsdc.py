@@ -385,3 +385,17 @@ def test_real_mnist_runs_through_the_one_channel_28_pixel_path(tmp_path):
                    5421 + 892, 5918 + 958, 6265 + 1028, 5851 + 974, 5949 + 1009]
     assert np.array(final["confusion"]).sum(0).tolist() == class_sizes
     assert final["acc"] > max(class_sizes) / 70000  # above one-cluster-for-all, nothing more from random features
+
+
+def test_rotation_accuracy_with_an_evaluation_batch_smaller_than_four():
+    """RotNet evaluates four rotations per image: an --eval-batch-size of 3 still takes one image a
+    batch (it used to take 3 // 4 = 0 and fail), and scores every rotation of every image."""
+    data = common.load_dataset("synthetic", "test")
+    data.images, data.labels = data.images[:10], data.labels[:10]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    args = lsdc.parse_args([*BASE, "--eval-batch-size", "3"])
+    acc = lsdc.rotation_accuracy(net, data, common.to_float, args, torch.device("cpu"))
+    with torch.no_grad():
+        x, y = common.rotations(common.to_float(data.images))
+        expected = (net(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(expected)

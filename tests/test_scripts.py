@@ -20,7 +20,7 @@ import torch
 
 import common
 from conftest import (ENV, one_line_error, read_json, read_metrics, results, run_script, run_until, script_path,
-                      start_script)
+                      start_script, wait_for_line)
 
 SYNTHETIC = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
 
@@ -43,7 +43,8 @@ def deepcluster_learned(runs):
 
 
 # For each script: `quick(run)` a run of a few seconds with several epochs (and stages), its last
-# (stage, epoch), where a kill -9 interrupts it, flags that make its loss NaN in the first epoch,
+# (stage, epoch), where a kill -9 interrupts it, flags that make its loss NaN in the first epoch, the
+# scheduler's signal it is stopped with (SIGTERM or SIGUSR1: both must work),
 # flags that may change on --resume (`extend`) and that may not (`frozen`), the extra runs beside
 # the demo and what the demo must reach.
 METHODS = {
@@ -51,14 +52,14 @@ METHODS = {
         quick=lambda run: [*SYNTHETIC, "--split", "test", "--width", "4", "--batch-size", "50", "--epochs", "3",
                            "--rotnet-epochs", "2", "--rotnet-milestones", "--rotnet-batch-size", "100",
                            "--rotnet-dir", f"{run}-rotnet", "--out-dir", run],
-        last=("lsdc", 2), kill_at=("rotnet", 0), nan=["--rotnet-lr", "1e30"],
+        last=("lsdc", 2), kill_at=("rotnet", 0), nan=["--rotnet-lr", "1e30"], stop=signal.SIGTERM,
         extend=["--epochs", "4"], frozen=["--batch-size", "32"],
         demo=lambda run: [*SYNTHETIC, "--out-dir", run, "--rotnet-dir", f"{run}-rotnet"],
         extra_runs={"kmeans": ["--kmeans-baseline"]}, learned=lsdc_learned),
     "deepcluster.py": dict(
         quick=lambda run: [*SYNTHETIC, "--cycles", "3", "--num-clusters", "20", "--pca-dim", "16",
                            "--batch-size", "32", "--probe-epochs", "1", "--out-dir", run],
-        last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"],
+        last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGUSR1,
         extend=["--cycles", "4"], frozen=["--num-clusters", "30"],
         demo=lambda run: [*SYNTHETIC, "--out-dir", run],
         extra_runs={"untrained": ["--cycles", "0"]}, learned=deepcluster_learned),
@@ -204,7 +205,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_killed_stopped_and_time_limited_runs_resume_to_the_uninterrupted_result(script, reference, tmp_path):
-    """kill -9 after the first epoch; --resume, stopped by SIGTERM inside an epoch (exit 3, the
+    """kill -9 after the first epoch; --resume, stopped by SIGTERM/SIGUSR1 inside an epoch (exit 3, the
     position inside the epoch kept); --resume under a time limit that one epoch exceeds (exit 3);
     --resume to the end: the metric lines and the result are those of the uninterrupted run."""
     method, run = METHODS[script], str(tmp_path / "run")
@@ -217,10 +218,10 @@ def test_killed_stopped_and_time_limited_runs_resume_to_the_uninterrupted_result
     proc = start_script(script, ["--resume", run, "--log-every", "0.01"], tmp_path, "resumed.log")
     while proc.poll() is None and " step " not in open(tmp_path / "resumed.log").read():
         time.sleep(0.02)  # wait for a progress line: the run is inside an epoch
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(method["stop"])
     log = (tmp_path / "resumed.log").read_text
     assert proc.wait(timeout=300) == common.EXIT_STOPPED, log()[-3000:]
-    assert "stopped by SIGTERM" in log() and f"--resume {run}" in log()
+    assert f"stopped by {method['stop'].name}" in log() and f"--resume {run}" in log()
     assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] is not None
 
     limited = run_script(script, ["--resume", run, "--time-limit", "0.0001"], tmp_path)
@@ -280,6 +281,16 @@ def test_a_run_directory_is_never_overwritten(script, reference, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_two_runs_started_together_in_one_directory(script, reference, tmp_path):
+    """Exactly one of them runs; the other stops with exit code 2 and writes nothing there."""
+    run = str(tmp_path / "run")
+    procs = [start_script(script, METHODS[script]["quick"](run), tmp_path, f"{i}.log") for i in range(2)]
+    codes = sorted(p.wait(timeout=600) for p in procs)
+    assert codes == [0, 2], [(tmp_path / f"{i}.log").read_text()[-2000:] for i in range(2)]
+    assert results(run) == results(reference / script)  # one run's lines only, whole
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_divergence_stops_with_one_line_and_writes_no_result(script, tmp_path):
     run = str(tmp_path / "run")
     result = run_script(script, [*METHODS[script]["quick"](run), *METHODS[script]["nan"]], tmp_path)
@@ -291,8 +302,12 @@ def test_divergence_stops_with_one_line_and_writes_no_result(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_ctrl_c_says_how_to_resume(script, tmp_path):
     run = str(tmp_path / "run")
-    code = run_until(script, METHODS[script]["quick"](run), tmp_path, run, *METHODS[script]["kill_at"],
-                     sig=signal.SIGINT)
+    proc = start_script(script, METHODS[script]["quick"](run), tmp_path)
+    wait_for_line(proc, run, *METHODS[script]["kill_at"])
+    while proc.poll() is None and not os.path.exists(os.path.join(run, "checkpoint.pt")):
+        time.sleep(0.01)  # the epoch's checkpoint follows its line
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=300)
     err = open(tmp_path / "log.txt").read().strip().splitlines()[-1]
     assert code == 130 and "interrupted; continue with: python" in err and f"--resume {run}" in err
 
