@@ -1,0 +1,77 @@
+"""benchmarks/reproduce.py and benchmarks/throughput.py on tiny synthetic runs on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ENV, ROOT, one_line_error, read_json
+
+DEEPCLUSTER = ["--dataset", "synthetic", "--device", "cpu", "--cycles", "2", "--num-clusters", "10",
+               "--pca-dim", "8", "--probe-epochs", "1"]
+LSDC = ["--dataset", "synthetic", "--device", "cpu", "--split", "test", "--width", "2",
+        "--rotnet-epochs", "1", "--rotnet-milestones", "--epochs", "2", "--batch-size", "64", "--rotnet-dir", "rotnet"]
+
+
+def benchmark(name, args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def check_summary(run_dir, stdout, script, sessions):
+    """reproduction.json holds final.json's numbers, the sessions' summed time and the hardware, and
+    the printed table row shows them."""
+    final, summary = read_json(run_dir / "final.json"), read_json(run_dir / "reproduction.json")
+    recorded = read_json(run_dir / "sessions.json")
+    assert [s["exit_code"] for s in recorded] == sessions
+    assert summary["metrics"] and all(summary["metrics"][k] == final[k] for k in summary["metrics"])
+    assert summary["sessions"] == len(sessions)
+    assert summary["wall_clock_seconds"] == sum(s["seconds"] for s in recorded) > 0
+    assert summary["script"] == script and summary["dataset"] == "synthetic"
+    assert summary["cores"] == os.cpu_count() and summary["device"] and summary["torch"]
+    lines = [line for line in stdout.splitlines() if line.startswith(f"| {script} | synthetic |")]
+    assert len(lines) == 1
+    assert all(f"{k} {v:.4f}" in lines[0] for k, v in summary["metrics"].items())
+    return summary, recorded
+
+
+def test_reproduce_deepcluster_in_one_session(tmp_path):
+    result = benchmark("reproduce.py", ["deepcluster.py", "--run-dir", "run", "--", *DEEPCLUSTER], tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary, sessions = check_summary(tmp_path / "run", result.stdout, "deepcluster.py", [0])
+    final = read_json(tmp_path / "run" / "final.json")
+    assert summary["metrics"] == {"nmi_gt": final["nmi_gt"], "probe_test_acc": final["probe_test_acc"]}
+    assert summary["stages"]["train"]["epochs"] == 2
+    assert sessions[0]["command"] == summary["command"] == \
+        "python deepcluster.py " + " ".join(DEEPCLUSTER) + " --out-dir run"
+
+    again = benchmark("reproduce.py", ["deepcluster.py", "--run-dir", "run", "--", *DEEPCLUSTER], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "train epoch" not in again.stdout  # a finished run is summarised, not run again
+    assert len(read_json(tmp_path / "run" / "sessions.json")) == 1
+
+
+def test_reproduce_lsdc_over_two_sessions(tmp_path):
+    args = ["lsdc.py", "--run-dir", "run", "--", *LSDC, "--time-limit", "0.0001"]
+    first = benchmark("reproduce.py", args, tmp_path)
+    assert first.returncode == 3, first.stderr
+    assert "run the same command again to continue" in first.stdout
+    assert not (tmp_path / "run" / "final.json").exists()
+    second = benchmark("reproduce.py", args, tmp_path)
+    assert second.returncode == 0, second.stderr
+    summary, sessions = check_summary(tmp_path / "run", second.stdout, "lsdc.py", [3, 0])
+    assert sessions[1]["command"] == "python lsdc.py --resume run --time-limit 0.0001"
+    assert {"acc", "nmi", "ari", "test_acc", "test_nmi", "test_ari"} <= set(summary["metrics"])
+    assert {k: v["epochs"] for k, v in summary["stages"].items()} == {"rotnet": 1, "lsdc": 2}
+
+
+def test_reproduce_usage_errors(tmp_path):
+    for args in (["nonsense.py", "--run-dir", "run"], ["common.py", "--run-dir", "run"],
+                 ["lsdc.py", "--run-dir", "run", "--", "--out-dir", "elsewhere"]):
+        result = benchmark("reproduce.py", args, tmp_path)
+        assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text("{}")
+    result = benchmark("reproduce.py", ["lsdc.py", "--run-dir", "run", "--", *LSDC], tmp_path)
+    assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
+    assert "before its first checkpoint" in result.stderr
