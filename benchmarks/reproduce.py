@@ -17,8 +17,8 @@ When the run has ended, DIR/reproduction.json gets the summary: the final metric
 final.json (ACC, NMI, ARI, kNN and linear-probe accuracy, top-1, their test_ variants, the Initial
 Alignment), epochs and median training throughput per stage from metrics.jsonl (the log holds no
 per-epoch seconds), the wall-clock summed over sessions, the device, core count and torch version,
-and the command that started the run; it is printed as a row of a markdown results table. A finished run is summarised
-again without running anything.
+and the command that started the run; it is printed as a row of a markdown results table. A
+finished run is summarised again without running anything.
 """
 import glob
 import json

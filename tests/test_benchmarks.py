@@ -9,7 +9,8 @@ from conftest import ENV, ROOT, one_line_error, read_json
 DEEPCLUSTER = ["--dataset", "synthetic", "--device", "cpu", "--cycles", "2", "--num-clusters", "10",
                "--pca-dim", "8", "--probe-epochs", "1"]
 LSDC = ["--dataset", "synthetic", "--device", "cpu", "--split", "test", "--width", "2",
-        "--rotnet-epochs", "1", "--rotnet-milestones", "--epochs", "2", "--batch-size", "64", "--rotnet-dir", "rotnet"]
+        "--rotnet-epochs", "1", "--rotnet-milestones", "--epochs", "2", "--batch-size", "64",
+        "--rotnet-dir", "rotnet"]
 
 
 def benchmark(name, args, cwd):
@@ -75,3 +76,46 @@ def test_reproduce_usage_errors(tmp_path):
     result = benchmark("reproduce.py", ["lsdc.py", "--run-dir", "run", "--", *LSDC], tmp_path)
     assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
     assert "before its first checkpoint" in result.stderr
+
+
+def check_rates(results, keys):
+    assert all(results[k] > 0 for k in keys), results
+
+
+def test_throughput_of_each_method_against_its_bare_step(tmp_path):
+    tiny = ["--device", "cpu", "--images", "128", "--warmup", "1", "--repeats", "2", "--calls", "1",
+            "--epochs", "1"]
+    for method, flags, views in (("lsdc", ["--width", "2", "--batch-size", "32", "--knn-k", "5"], 3),
+                                 ("deepcluster", ["--batch-size", "32", "--num-clusters", "10"], 1)):
+        out = tmp_path / f"{method}.json"
+        args = ["--method", method, *tiny, "--json", out, "--", *flags]
+        result = benchmark("throughput.py", args, tmp_path)
+        assert result.returncode == 0, result.stderr
+        results = json.loads(out.read_text())
+        assert results["method"] == method and results["batch_size"] == 32 and results["views"] == views
+        check_rates(results, ["method_images_per_s", "bare_step_images_per_s"])
+        assert 0 < results["ratio"] < 2
+        assert results["ratio"] == results["method_images_per_s"] / results["bare_step_images_per_s"]
+        printed = [line.split() for line in result.stdout.splitlines()]
+        assert ["ratio_per_view", f"{results['ratio_per_view']:,.3f}"] in printed
+
+
+def test_throughput_of_the_augmentation(tmp_path):
+    tiny = ["--device", "cpu", "--images", "64", "--warmup", "0", "--repeats", "1", "--calls", "1",
+            "--width", "2", "--batch-size", "16", "--json", tmp_path / "aug.json"]
+    result = benchmark("throughput.py", tiny, tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "aug.json").read_text())
+    check_rates(results, ["aug_crop_flip", "aug_simclr", "aug_multicrop_2x32_4x16", "step_full_premade",
+                          "step_full_augmented", "step_layer4_premade", "step_layer4_augmented", "inference",
+                          "rotnet_premade_views", "rotnet_augmented_views"])
+    for name in ("full", "layer4"):
+        overhead = 1 - results[f"step_{name}_augmented"] / results[f"step_{name}_premade"]
+        assert abs(results[f"aug_overhead_{name}"] - overhead) < 1e-12
+
+
+def test_throughput_usage_errors(tmp_path):
+    for args in (["--method", "nonsense"], ["--images", "0"], ["--method", "lsdc", "--device", "cpu", "--",
+                                                                "--width", "-1"]):
+        result = benchmark("throughput.py", args, tmp_path)
+        assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
