@@ -84,7 +84,7 @@ def cifar10_features(args):
     torch.manual_seed(0)
     model = deepcluster.build_model(parser_args, 3, 32).eval()
     _, prepare = deepcluster.make_transforms(parser_args, data, torch.device("cpu"))
-    features = deepcluster.compute_features(model, data, prepare, parser_args, torch.device("cpu"))
+    features, _ = common.extract_features(model.features, data, prepare, parser_args.eval_batch_size)
     return deepcluster.preprocess(features, 256)
 
 
