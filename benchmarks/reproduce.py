@@ -187,7 +187,7 @@ def main(argv=None):
             print("reproduce.py: the run stopped with a checkpoint; run the same command again to continue",
                   flush=True)
         if code != 0:
-            sys.exit(code)
+            sys.exit(code if code > 0 else 128 - code)  # killed by signal -code: the shell's status
     summary = summarise(args.script, run_dir)
     print(json.dumps(summary, indent=2))
     print(table_row(summary))
