@@ -182,6 +182,7 @@ def method_loop(data, args, device, out_dir):
     module, setup = METHODS[args.method]
     margs = module.parse_args(["--dataset", "cifar10", "--device", args.device, *args.method_flags,
                                "--out-dir", out_dir])
+    common.check_batch_size("--batch-size", margs.batch_size, len(data), "--images")
     common.seed_everything(margs.seed)
     raw_model, optimizer, augment, stage, objects, extra, views = setup(margs, data, device)
     run = common.Run(args.method, margs)
@@ -223,10 +224,9 @@ def main():
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.method_flags = argv[split + 1:]
-    try:
-        device = common.setup_device(args.device)
-    except common.Abort as error:
-        p.exit(2, f"{p.prog}: error: {error}\n")
+    device = common.setup_device(args.device)
+    if not args.method:
+        common.check_batch_size("--batch-size", args.batch_size, args.images, "--images")
     torch.manual_seed(0)
     data = common.TensorImages("cifar10", torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8),
                                torch.randint(0, 10, (args.images,)), 10, MEAN, STD).to(device)
@@ -248,4 +248,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
