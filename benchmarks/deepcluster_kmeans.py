@@ -42,7 +42,8 @@ def mixture(n, d, k, device, seed=0):
     """n L2-normalised points around k random centres (a stand-in for PCA-whitened features)."""
     g = torch.Generator(device=device).manual_seed(seed)
     centres = torch.randn(k, d, generator=g, device=device)
-    x = centres[torch.randint(k, (n,), generator=g, device=device)] + 0.7 * torch.randn(n, d, generator=g, device=device)
+    noise = 0.7 * torch.randn(n, d, generator=g, device=device)
+    x = centres[torch.randint(k, (n,), generator=g, device=device)] + noise
     return torch.nn.functional.normalize(x, dim=1)
 
 
@@ -70,7 +71,8 @@ def gpu_benchmark(args, device):
         d64 = torch.cdist(subset.double(), centroids.double()) ** 2
         best = d64.min(1).values
         chosen = d64.gather(1, labels[:, None])[:, 0]
-        result[f"exact_match_tf32_{'on' if tf32 else 'off'}"] = (labels == d64.argmin(1)).float().mean().item()
+        exact = (labels == d64.argmin(1)).float().mean().item()
+        result[f"exact_match_tf32_{'on' if tf32 else 'off'}"] = exact
         result[f"wrong_by_1e-5_tf32_{'on' if tf32 else 'off'}"] = (chosen - best > 1e-5).float().mean().item()
     torch.cuda.reset_peak_memory_stats(device)
     deepcluster.kmeans(x, args.k, iters=1)
@@ -84,14 +86,17 @@ def cifar10_features(args):
     torch.manual_seed(0)
     model = deepcluster.build_model(parser_args, 3, 32).eval()
     _, prepare = deepcluster.make_transforms(parser_args, data, torch.device("cpu"))
-    features = deepcluster.compute_features(model, data, prepare, parser_args, torch.device("cpu"))
+    features, _ = common.extract_features(model.features, data, prepare, parser_args.eval_batch_size)
     return deepcluster.preprocess(features, 256)
 
 
 def cpu_benchmark(args):
     from sklearn.cluster import KMeans
     t = time.perf_counter()
-    x = cifar10_features(args) if args.source == "cifar10" else mixture(args.n, args.dim, args.k, torch.device("cpu"))
+    if args.source == "cifar10":
+        x = cifar10_features(args)
+    else:
+        x = mixture(args.n, args.dim, args.k, torch.device("cpu"))
     result = {"source": args.source, "n": len(x), "dim": x.shape[1], "k": args.k, "iters": args.iters,
               "feature_seconds": time.perf_counter() - t, "threads": torch.get_num_threads()}
     xn = x.numpy().astype(np.float32)
@@ -99,11 +104,12 @@ def cpu_benchmark(args):
     for seed in range(args.seeds):
         init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:args.k]]
         runs = {"ours_same_init": lambda: deepcluster.kmeans(x, args.k, args.iters, init=init),
-                "sklearn_same_init": lambda: KMeans(args.k, init=init.numpy(), n_init=1, max_iter=args.iters, tol=0,
-                                                    algorithm="lloyd").fit(xn),
-                "ours_kmeans++": lambda: deepcluster.kmeans(x, args.k, args.iters, init="kmeans++", seed=seed),
-                "sklearn_kmeans++": lambda: KMeans(args.k, init="k-means++", n_init=1, max_iter=args.iters, tol=0,
-                                                   algorithm="lloyd", random_state=seed).fit(xn)}
+                "sklearn_same_init": lambda: KMeans(args.k, init=init.numpy(), n_init=1, max_iter=args.iters,
+                                                    tol=0, algorithm="lloyd").fit(xn),
+                "ours_kmeans++": lambda: deepcluster.kmeans(x, args.k, args.iters, init="kmeans++",
+                                                            seed=seed),
+                "sklearn_kmeans++": lambda: KMeans(args.k, init="k-means++", n_init=1, max_iter=args.iters,
+                                                   tol=0, algorithm="lloyd", random_state=seed).fit(xn)}
         row = {"seed": seed}
         for name, fn in runs.items():
             t = time.perf_counter()
@@ -128,11 +134,13 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, help="points (GPU default 1,281,167; CPU --source random default 50,000)")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--k", type=int, help="clusters (GPU default 10,000; CPU default 1,000: the Deep Dive's CIFAR-10 k)")
+    p.add_argument("--k", type=int,
+                   help="clusters (GPU default 10,000; CPU default 1,000: the Deep Dive's CIFAR-10 k)")
     p.add_argument("--iters", type=int, default=20, help="CPU comparison: k-means iterations")
     p.add_argument("--repeats", type=int, default=3, help="GPU: timed runs per measurement")
     p.add_argument("--check-points", type=int, default=20000, help="GPU: points checked against float64")
-    p.add_argument("--source", choices=["cifar10", "random"], default="cifar10", help="CPU: features to cluster")
+    p.add_argument("--source", choices=["cifar10", "random"], default="cifar10",
+                   help="CPU: features to cluster")
     p.add_argument("--seeds", type=int, default=3, help="CPU: repetitions")
     p.add_argument("--data-dir", default=common.default_data_dir())
     p.add_argument("--json", help="also write the result here")

@@ -26,8 +26,10 @@ LOGIT_SCALES = (0.9, 1.1, 1.2)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="an lsdc.py run directory whose checkpoint is in the LSD-C stage")
-    p.add_argument("lsdc_args", nargs=argparse.REMAINDER, help="lsdc.py flags that override the run's, after --")
+    p.add_argument("--run", required=True,
+                   help="an lsdc.py run directory whose checkpoint is in the LSD-C stage")
+    p.add_argument("lsdc_args", nargs=argparse.REMAINDER,
+                   help="lsdc.py flags that override the run's, after --")
     a = p.parse_args()
     args = lsdc.parse_args(["--resume", a.run, *[f for f in a.lsdc_args if f != "--"]])
     device = common.setup_device(args.device)
@@ -41,11 +43,13 @@ def main():
     logits, _ = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
     top = logits.softmax(1).max(1).values
     top_scaled = {s: (logits * s).softmax(1).max(1).values for s in LOGIT_SCALES}
+    quantiles = top.quantile(torch.tensor(QUANTILES, device=top.device))
     print(json.dumps({
         "weights": a.run, "dataset": args.dataset, "epoch": state["epoch"], "samples": len(top),
-        "max_probability_quantiles": {str(q): v for q, v in zip(QUANTILES, top.quantile(torch.tensor(QUANTILES, device=top.device)).tolist())},
+        "max_probability_quantiles": dict(zip(map(str, QUANTILES), quantiles.tolist())),
         "share_above": {str(t): (top > t).float().mean().item() for t in THRESHOLDS},
-        "share_above_0.9_logits_scaled": {str(s): (v > 0.9).float().mean().item() for s, v in top_scaled.items()},
+        "share_above_0.9_logits_scaled": {str(s): (v > 0.9).float().mean().item()
+                                          for s, v in top_scaled.items()},
     }))
 
 

@@ -31,7 +31,8 @@ def main():
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--rotnet", help="RotNet backbone weights (as kept in runs/rotnet/)")
     weights.add_argument("--run", help="an lsdc.py run directory whose checkpoint is in the LSD-C stage")
-    p.add_argument("--bf16-agreement", action="store_true", help="compare the links of float32 and bf16 features")
+    p.add_argument("--bf16-agreement", action="store_true",
+                   help="compare the links of float32 and bf16 features")
     p.add_argument("lsdc_args", nargs=argparse.REMAINDER, help="lsdc.py flags, after -- (with --rotnet)")
     a = p.parse_args()
     flags = [f for f in a.lsdc_args if f != "--"]
@@ -45,7 +46,8 @@ def main():
     if a.run:
         state = torch.load(os.path.join(a.run, "checkpoint.pt"), map_location=device, weights_only=False)
         if state["stage"] != "lsdc":
-            raise common.Abort(f"{a.run} has not reached the LSD-C stage (checkpoint stage {state['stage']!r})")
+            raise common.Abort(f"{a.run} has not reached the LSD-C stage "
+                               f"(checkpoint stage {state['stage']!r})")
         model.load_state_dict(state["objects"]["model"])
     else:
         backbone.load_state_dict(torch.load(a.rotnet, map_location=device, weights_only=True))
