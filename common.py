@@ -1704,7 +1704,8 @@ class Run:
             return
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["images_per_s"] = images / max(seconds, 1e-9)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "images_per_s")
+        metrics["train_seconds"] = seconds
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("images_per_s", "train_seconds"))
         eta = (time.time() - self.epoch_end + sum(self.epoch_seconds)) / (len(self.epoch_seconds) + 1) \
             * (self.epochs - epoch - 1)
         print(f"{self.stage} epoch {epoch + 1}/{self.epochs} | {shown} | {metrics['images_per_s']:,.0f} img/s | "

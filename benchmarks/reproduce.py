@@ -98,14 +98,16 @@ def run_session(command, run_dir):
 
 
 def stages(run_dir):
-    """Per stage of metrics.jsonl: epochs logged and the median training throughput (images/s)."""
-    rates = {}
+    """Per stage of metrics.jsonl: epochs logged, the median training throughput (images/s) and the
+    training time summed over its epochs (seconds; evaluation not included)."""
+    rates, seconds = {}, {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             m = json.loads(line)
             rates.setdefault(m["stage"], []).append(m["images_per_s"])
-    return {stage: {"epochs": len(r), "median_images_per_s": statistics.median(r)}
-            for stage, r in rates.items()}
+            seconds[m["stage"]] = seconds.get(m["stage"], 0.0) + m.get("train_seconds", 0.0)
+    return {stage: {"epochs": len(r), "median_images_per_s": statistics.median(r),
+                    "train_seconds": seconds[stage]} for stage, r in rates.items()}
 
 
 def final_metrics(final):

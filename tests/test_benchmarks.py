@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ENV, ROOT, one_line_error, read_json, wait_for_line
 
 DEEPCLUSTER = ["--dataset", "synthetic", "--device", "cpu", "--cycles", "2", "--num-clusters", "10",
@@ -48,6 +50,9 @@ def test_reproduce_lsdc_over_two_sessions(tmp_path):
     assert sessions[1]["command"] == "python lsdc.py --resume run --time-limit 0.0001"
     assert {"acc", "nmi", "ari", "test_acc", "test_nmi", "test_ari"} <= set(summary["metrics"])
     assert {k: v["epochs"] for k, v in summary["stages"].items()} == {"rotnet": 1, "lsdc": 2}
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert summary["stages"]["lsdc"]["train_seconds"] == pytest.approx(
+        sum(m["train_seconds"] for m in lines if m["stage"] == "lsdc"))
 
 
 def test_reproduce_deepcluster_stopped_by_sigterm_then_finished(tmp_path):
