@@ -1116,14 +1116,14 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
 # Command line (used by every method file): one-line errors, the defaults of the chosen dataset in
 # --help, range-checked flag types, the run flags and the resume policy
 # ================================================================================================
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Appends each flag's default, the value it takes for the chosen dataset, unless the help text
     already says what the default is; lists are shown as they are typed."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if (not action.option_strings or action.default in (None, argparse.SUPPRESS)
-                or "default" in text.lower() or isinstance(action, argparse._HelpAction)):
+                or "default:" in text or isinstance(action, argparse._HelpAction)):
             return text
         value = action.default
         if isinstance(value, (list, tuple)):

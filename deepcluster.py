@@ -136,7 +136,7 @@ def parse_args(argv=None):
     g.add_argument("--probe-lr", type=common.positive_float, help="lr0 of lr_t = lr0 / sqrt(1 + lr0 wd t)")
     g.add_argument("--probe-momentum", type=common.fraction, help="SGD momentum of the probe")
     g.add_argument("--probe-weight-decay", type=common.non_negative_float,
-                   help="eval_linear.py's default (eval_linear.sh passes 1e-7)")
+                   help="weight decay of the probe, as eval_linear.py (eval_linear.sh passes 1e-7)")
     g.add_argument("--probe-batch-size", type=common.positive_int, help="per device")
     g = p.add_argument_group("Initial Alignment (the Deep Dive, Sec. 4.1: no training, needs labels)")
     g.add_argument("--ia-seeds", type=common.non_negative_int, default=0,

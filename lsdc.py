@@ -136,7 +136,7 @@ def parse_args(argv=None):
                    help="lr factor at each milestone (official code)")
     g.add_argument("--momentum", type=common.fraction, help="SGD momentum (official code)")
     g.add_argument("--weight-decay", type=common.non_negative_float,
-                   help="default: 5e-4 (official code), or --mixup-weight-decay with --mix mixup")
+                   help="weight decay (default: 5e-4 as the official code, or --mixup-weight-decay with --mix mixup)")
     g.add_argument("--mixup-weight-decay", type=common.non_negative_float,
                    help="weight decay with MixUp (the supplementary lowers it to 1e-4)")
     g.add_argument("--rampup-weight", type=common.non_negative_float,
