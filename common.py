@@ -216,14 +216,16 @@ def image_folder_samples(root, split):
     if not os.path.isdir(root):
         raise Abort(f"imagefolder: {os.path.abspath(root)} is not a folder; point --data-dir at "
                     "a folder of class sub-folders (or one with train/ and val/ inside)")
-    present = {s: os.path.join(root, s) for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))}
+    present = {s: os.path.join(root, s) for s in ("train", "val", "test")
+               if os.path.isdir(os.path.join(root, s))}
     if present:
         train, test = present.get("train"), present.get("val", present.get("test"))
         roots = {"train": [train], "test": [test], "all": [train, test]}[split]
         if None in roots:
             missing = "train/" if train is None else "val/ or test/"
             raise Abort(f"imagefolder: {os.path.abspath(root)} has no {missing} for the {split} split; "
-                        "add it, or point --data-dir at one folder of class folders to use it for every split")
+                        "add it, or point --data-dir at one folder of class folders "
+                        "to use it for every split")
         used = [r for r in (train, test) if r is not None]
     else:
         roots = used = [root]
@@ -332,7 +334,8 @@ def _decode_torchvision(cls_name, split, root, download):
             cls(root, train=split == "train", download=True)  # downloads and unpacks into raw/
             data = _read_mnist_family(cls, split, root)
         if data is None:
-            raise FileNotFoundError(f"no {cls_name}/raw/{'train' if split == 'train' else 't10k'}-*-ubyte(.gz)")
+            raise FileNotFoundError(f"no {cls_name}/raw/{'train' if split == 'train' else 't10k'}"
+                                    "-*-ubyte(.gz)")
         return data
     if cls_name in ("SVHN", "STL10"):
         ds = cls(root, split=split, download=download)
@@ -381,7 +384,8 @@ def _split_problem(data, num_classes, unlabeled):
     """Why `data` is not a decoded split {"images": uint8 (N, C, H, W), "labels": int64 (N,) in
     0..num_classes-1, or all -1 when `unlabeled`, optional "coarse_labels": int64 (N,) in 0..19},
     or None when it is one."""
-    if not isinstance(data, dict) or not torch.is_tensor(data.get("images")) or not torch.is_tensor(data.get("labels")):
+    if (not isinstance(data, dict) or not torch.is_tensor(data.get("images"))
+            or not torch.is_tensor(data.get("labels"))):
         return "no images and labels tensors"
     images = data["images"]
     if images.dtype != torch.uint8 or images.dim() != 4:
@@ -428,7 +432,8 @@ def _load_split(name, split, data_dir, download):
         raise Abort(f"{name} ({split} split) not found: looked for {path} and torchvision's "
                     f"{cls_name} files under {os.path.abspath(data_dir)}, and "
                     f"{'the download failed' if download else 'downloading is off'} "
-                    f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). On a machine with internet run "
+                    f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). "
+                    "On a machine with internet run "
                     f"torchvision.datasets.{cls_name}('{data_dir}', download=True), or point "
                     "--data-dir (or DATA_DIR) at a folder that holds the files")
     problem = _split_problem(data, num_classes, unlabeled)
@@ -514,7 +519,8 @@ def _channel_constant(values, device, dtype):
 
 def normalize(x, mean, std):
     """(x - mean) / std per channel; the constants are copied to the device once, not per batch."""
-    return (x - _channel_constant(tuple(mean), x.device, x.dtype)) / _channel_constant(tuple(std), x.device, x.dtype)
+    return ((x - _channel_constant(tuple(mean), x.device, x.dtype))
+            / _channel_constant(tuple(std), x.device, x.dtype))
 
 
 def _bernoulli(p, batch_size, device):
@@ -573,8 +579,10 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
                               (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H))
     w = torch.where(found, w.gather(1, first[:, None])[:, 0], float(fallback_w))
     h = torch.where(found, h.gather(1, first[:, None])[:, 0], float(fallback_h))
-    left = torch.where(found, (torch.rand(B, device=x.device) * (W - w + 1)).floor(), float((W - fallback_w) // 2))
-    top = torch.where(found, (torch.rand(B, device=x.device) * (H - h + 1)).floor(), float((H - fallback_h) // 2))
+    left = torch.where(found, (torch.rand(B, device=x.device) * (W - w + 1)).floor(),
+                       float((W - fallback_w) // 2))
+    top = torch.where(found, (torch.rand(B, device=x.device) * (H - h + 1)).floor(),
+                      float((H - fallback_h) // 2))
     return resized_crop(x, top, left, h, w, size)
 
 
@@ -597,7 +605,8 @@ def rgb_to_hsv(x):
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
     return torch.stack([h, s, maxc], 1)
 
 
@@ -703,7 +712,8 @@ def cutmix(x, alpha=1.0, mix=None):
         lam = np.random.beta(alpha, alpha)
         cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
         cy, cx = np.random.randint(H), np.random.randint(W)
-        box = (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W))
+        box = (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H),
+               max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W))
         share = (box[1] - box[0]) * (box[3] - box[2]) / (H * W)
         mix = {"weights": torch.tensor([1 - share, share]), "box": box,
                "perms": torch.stack([torch.arange(B, device=x.device), torch.randperm(B, device=x.device)])}
@@ -723,7 +733,8 @@ def ricap(x, beta=0.3, mix=None, identity_above=None):
     B, _, H, W = x.shape
     if mix is None:
         w, h = int(round(W * np.random.beta(beta, beta))), int(round(H * np.random.beta(beta, beta)))
-        sizes = [(h, w), (h, W - w), (H - h, w), (H - h, W - w)]  # top-left, top-right, bottom-left, bottom-right
+        # top-left, top-right, bottom-left, bottom-right
+        sizes = [(h, w), (h, W - w), (H - h, w), (H - h, W - w)]
         weights = torch.tensor([ph * pw / (H * W) for ph, pw in sizes])
         identity = torch.arange(B, device=x.device)
         perms = torch.stack([identity if identity_above is not None and share > identity_above
@@ -763,7 +774,8 @@ def _shortcut(in_channels, out_channels, stride, kind):
         return nn.Identity()
     if kind == "pad":
         return PadShortcut(in_channels, out_channels, stride)
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                         nn.BatchNorm2d(out_channels))
 
 
 class BasicBlock(nn.Module):
@@ -834,7 +846,8 @@ class ConvNet(nn.Module):
         self.features, self.classifier, self.feature_dim = features, classifier, feature_dim
         for m in self.modules():  # DeepCluster's initialisation
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                nn.init.normal_(m.weight, 0,
+                                math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
@@ -853,7 +866,8 @@ def _conv_stack(in_channels, spec):
             layers.append(nn.MaxPool2d(k, s))
             continue
         out, kernel, stride, padding = item if isinstance(item, tuple) else (item, 3, 1, 1)
-        layers += [nn.Conv2d(in_channels, out, kernel, stride, padding), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(in_channels, out, kernel, stride, padding), nn.BatchNorm2d(out),
+                   nn.ReLU(inplace=True)]
         in_channels = out
     return nn.Sequential(*layers)
 
@@ -861,7 +875,8 @@ def _conv_stack(in_channels, spec):
 def alexnet(in_channels=3):
     """AlexNet with BatchNorm as in DeepCluster (224 px): 5 convs (96, 256, 384, 384, 256),
     fc6/fc7 of 4096; returns fc7 before its ReLU."""
-    features = _conv_stack(in_channels, [(96, 11, 4, 2), "M3,2", (256, 5, 1, 2), "M3,2", 384, 384, 256, "M3,2"])
+    features = _conv_stack(in_channels, [(96, 11, 4, 2), "M3,2", (256, 5, 1, 2), "M3,2",
+                                         384, 384, 256, "M3,2"])
     classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
                                nn.Dropout(0.5), nn.Linear(4096, 4096))
     return ConvNet(features, classifier, 4096)
@@ -871,7 +886,8 @@ def alexnet_small(in_channels=3):
     """The Deep Dive's small AlexNet for 32x32 images: five BN convs of 48, 126, 192, 192, 128
     filters (paper), laid out as the author's AlexNet_Micro (3x3 kernels, pools after conv 1, 2
     and 5); fc of 2048 twice. Returns the last fc before its ReLU."""
-    features = _conv_stack(in_channels, [(48, 3, 1, 2), "M2,2", (126, 3, 1, 2), "M2,2", 192, 192, 128, "M3,2"])
+    features = _conv_stack(in_channels, [(48, 3, 1, 2), "M2,2", (126, 3, 1, 2), "M2,2",
+                                         192, 192, 128, "M3,2"])
     classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(128 * 4 * 4, 2048), nn.ReLU(inplace=True),
                                nn.Dropout(0.5), nn.Linear(2048, 2048))
     return ConvNet(features, classifier, 2048)
@@ -1231,9 +1247,11 @@ def parse_arguments(parser, argv, script, check, resumable=()):
                if v is not unset and k not in ("resume", "script") and v != saved.get(k)}
     refused = [k for k in changes if k not in (*RESUME_RUN_FLAGS, *resumable)]
     if refused:
-        parser.error(f"--resume keeps the run's settings, so {', '.join('--' + k.replace('_', '-') for k in refused)} "
+        parser.error("--resume keeps the run's settings, so "
+                     f"{', '.join('--' + k.replace('_', '-') for k in refused)} "
                      "cannot change; start a new run instead")
-    args = argparse.Namespace(**{**saved, **{k: new for k, (_, new) in changes.items()}, "resume": args.resume})
+    args = argparse.Namespace(**{**saved, **{k: new for k, (_, new) in changes.items()},
+                                 "resume": args.resume})
     args.resume_changes = changes
     check(parser, args)
     return args
@@ -1317,7 +1335,8 @@ def check_writable(folder, flag):
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise Abort(f"{flag} {folder}: cannot write there ({error.strerror}); choose another folder") from None
+        raise Abort(f"{flag} {folder}: cannot write there ({error.strerror}); "
+                    "choose another folder") from None
 
 
 def _remove_stale_temporaries(path):
@@ -1688,7 +1707,8 @@ class Run:
         flag = "--" + self.lr_flag.replace("_", "-")
         if self.has_checkpoint:
             return (f"{what}{where}: training diverged; the last good checkpoint is kept in {self.path}: "
-                    f"continue with a lower learning rate: python {self.script} --resume {self.path} {flag} LR")
+                    f"continue with a lower learning rate: python {self.script} --resume {self.path} "
+                    f"{flag} LR")
         return (f"{what}{where}: training diverged before any checkpoint was written; start again "
                 f"with a lower {flag} (or --no-amp)")
 
@@ -1702,13 +1722,16 @@ class Run:
         """Print one line and append it to metrics.jsonl; `images` were trained on in `seconds`."""
         if not self.main:
             return
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["images_per_s"] = images / max(seconds, 1e-9)
         metrics["train_seconds"] = seconds
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("images_per_s", "train_seconds"))
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                         if k not in ("images_per_s", "train_seconds"))
         eta = (time.time() - self.epoch_end + sum(self.epoch_seconds)) / (len(self.epoch_seconds) + 1) \
             * (self.epochs - epoch - 1)
-        print(f"{self.stage} epoch {epoch + 1}/{self.epochs} | {shown} | {metrics['images_per_s']:,.0f} img/s | "
+        print(f"{self.stage} epoch {epoch + 1}/{self.epochs} | {shown} | "
+              f"{metrics['images_per_s']:,.0f} img/s | "
               f"elapsed {format_seconds(time.time() - self.start)} | eta {format_seconds(eta)}", flush=True)
         with open(self.file("metrics.jsonl"), "a") as f:
             f.write(json.dumps({"stage": self.stage, "epoch": epoch, **metrics}) + "\n")

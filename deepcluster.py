@@ -1,7 +1,8 @@
 """DeepCluster, with the analysis tools of "A Deep Dive into Deep Cluster".
 
 Mathilde Caron, Piotr Bojanowski, Armand Joulin, Matthijs Douze, "Deep Clustering for Unsupervised
-Learning of Visual Features", ECCV 2018, arXiv:1807.05520; official code: github.com/facebookresearch/deepcluster.
+Learning of Visual Features", ECCV 2018, arXiv:1807.05520; official code:
+github.com/facebookresearch/deepcluster.
 Ahmad Mustapha, Wael Khreich, Wassim Masri, "A Deep Dive into Deep Cluster", 2022; the author's code:
 github.com/AhmadM-DL/DeepClusterImplementation.
 
@@ -69,7 +70,8 @@ PAPER_DEFAULTS["imagefolder"] = PAPER_DEFAULTS["imagenet"]
 SHARED_DEFAULTS = dict(kmeans_iters=20, kmeans_init="random", balance="sampler", reassign=1.0, flip=True,
                        random_resized_crop=False, width=64, probe_lr=0.01, probe_momentum=0.9,
                        probe_weight_decay=1e-4, probe_batch_size=256)
-FEATURE_DIMS = {"alexnet": 4096, "alexnet-small": 2048, "lenet5": 84, "resnet18": None}  # common.build_backbone's
+# common.build_backbone's
+FEATURE_DIMS = {"alexnet": 4096, "alexnet-small": 2048, "lenet5": 84, "resnet18": None}
 CONV_LAYERS = {"alexnet": 5, "alexnet-small": 5, "lenet5": 2, "resnet18": 0}
 # eval_linear.py's RegLog: AvgPool2d(kernel, stride, padding) that brings AlexNet conv n to ~9k features
 OFFICIAL_PROBE_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
@@ -94,8 +96,9 @@ def parse_args(argv=None):
                    help="dataset folder (default: $DATA_DIR, else ./data)")
     g = p.add_argument_group("DeepCluster (the Deep Dive's Table 1 / the official main.sh)")
     g.add_argument("--backbone", choices=list(FEATURE_DIMS),
-                   help="alexnet: BN AlexNet, 224 px (official); alexnet-small: the Deep Dive's 32 px AlexNet; "
-                   "lenet5: the Deep Dive's Fashion-MNIST network; resnet18: CIFAR ResNet-18 (not in the papers)")
+                   help="alexnet: BN AlexNet, 224 px (official); alexnet-small: the Deep Dive's 32 px "
+                   "AlexNet; lenet5: the Deep Dive's Fashion-MNIST network; resnet18: CIFAR ResNet-18 "
+                   "(not in the papers)")
     g.add_argument("--width", type=common.positive_int, help="ResNet-18 stem width (not in the papers)")
     g.add_argument("--sobel", action=b, help="fixed grayscale + Sobel front-end (official code)")
     g.add_argument("--cycles", type=common.non_negative_int,
@@ -142,7 +145,8 @@ def parse_args(argv=None):
     g.add_argument("--ia-seeds", type=common.non_negative_int, default=0,
                    help="sample IA over this many random networks (seeds --seed, --seed + 1, ...; the "
                    "paper uses 100); 0 = train instead")
-    g.add_argument("--ia-k", type=common.positive_int, nargs="+", help="values of k (default: --num-clusters)")
+    g.add_argument("--ia-k", type=common.positive_int, nargs="+",
+                   help="values of k (default: --num-clusters)")
     g.add_argument("--ia-pca", type=common.non_negative_int, nargs="+",
                    help="PCA dimensions, 0 = none (default: --pca-dim)")
     common.add_run_arguments(p, "deepcluster")
@@ -298,17 +302,20 @@ def kmeans(x, k, iters=20, init="random", seed=0, chunk_elements=None):
     all points are used (max_points_per_centroid is huge there). `init` is "random", "kmeans++" or a
     (k, d) tensor. Returns labels (N,), centroids (k, d), inertia sum_i ||x_i - c_{y_i}||^2."""
     x = x.float()
-    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 22)  # GPU: few big matmuls; CPU: cache-sized
+    # GPU: few big matmuls; CPU: cache-sized
+    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 22)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     centroids = init_centroids(x, k, init, generator)
     for it in range(iters + 1):
-        labels, centroids = split_empty_clusters(x, assign(x, centroids, chunk_elements), centroids, generator)
+        labels, centroids = split_empty_clusters(x, assign(x, centroids, chunk_elements), centroids,
+                                                 generator)
         if it == iters:
             break
         counts = torch.bincount(labels, minlength=k).unsqueeze(1)
         centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / counts
     rows = max(1, chunk_elements // x.shape[1])
-    inertia = sum(((xb - centroids[yb]) ** 2).sum().item() for xb, yb in zip(x.split(rows), labels.split(rows)))
+    inertia = sum(((xb - centroids[yb]) ** 2).sum().item()
+                  for xb, yb in zip(x.split(rows), labels.split(rows)))
     return labels, centroids, inertia
 
 
@@ -370,7 +377,8 @@ def cycle_order(labels, k, args, cycle):
     n = int(args.reassign * len(labels))
     if args.balance == "sampler":
         return uniform_cluster_sample(labels, k, n, generator)
-    return torch.cat([torch.randperm(len(labels), generator=generator) for _ in range(math.ceil(args.reassign))])[:n]
+    return torch.cat([torch.randperm(len(labels), generator=generator)
+                      for _ in range(math.ceil(args.reassign))])[:n]
 
 
 # ================================================================================================
@@ -434,7 +442,8 @@ def initial_alignment(args, data, prepare, run, device, channels, side):
         t0, seed = time.time(), args.seed + i
         common.seed_everything(seed, args.deterministic)
         model = build_model(args, channels, side).to(device)
-        features, _ = common.extract_features(model.eval().features, data, prepare, args.eval_batch_size, args.amp)
+        features, _ = common.extract_features(model.eval().features, data, prepare, args.eval_batch_size,
+                                              args.amp)
         line = {}
         for pca in args.ia_pca:
             x = preprocess(features, pca)
@@ -446,9 +455,11 @@ def initial_alignment(args, data, prepare, run, device, channels, side):
         run.log(i, line, len(data), time.time() - t0)
     summary = {}
     for (k, pca), v in values.items():
-        q = torch.tensor(v, dtype=torch.float64).quantile(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+        q = torch.tensor(v, dtype=torch.float64).quantile(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0],
+                                                                       dtype=torch.float64))
         summary[f"k{k}_pca{pca}"] = {"k": k, "pca_dim": pca, "min": q[0].item(), "q1": q[1].item(),
-                                     "median": q[2].item(), "q3": q[3].item(), "max": q[4].item(), "values": v}
+                                     "median": q[2].item(), "q3": q[3].item(), "max": q[4].item(),
+                                     "values": v}
         run.print(f"IA k={k} pca={pca or 'off'} over {len(v)} seeds: median {q[2]:.4f} quartiles "
                   f"[{q[1]:.4f}, {q[3]:.4f}] range [{q[0]:.4f}, {q[4]:.4f}]")
     run.finish({"initial_alignment": summary, "seeds": list(range(args.seed, args.seed + args.ia_seeds))})
@@ -503,7 +514,8 @@ def eval_linear_probe(model, train, test, augment, prepare, args, device):
     predictions, labels = common.extract_features(lambda x: reglog(frozen(x)).argmax(1, keepdim=True), test,
                                                   prepare, args.eval_batch_size, args.amp)
     test_acc = (predictions.flatten().long() == labels).float().mean().item()
-    return {"probe_loss": train_metrics["loss"], "probe_train_acc": train_metrics["acc"], "probe_test_acc": test_acc}
+    return {"probe_loss": train_metrics["loss"], "probe_train_acc": train_metrics["acc"],
+            "probe_test_acc": test_acc}
 
 
 # ================================================================================================
@@ -514,7 +526,8 @@ def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, l
     images drawn by `cycle_order` (uniformly over the clusters by default). Returns the meter of
     losses and the number of images trained on."""
     k = args.num_clusters
-    weights = 1.0 / torch.bincount(labels, minlength=k).clamp(min=1).float() if args.balance == "weight" else None
+    weights = (1.0 / torch.bincount(labels, minlength=k).clamp(min=1).float()
+               if args.balance == "weight" else None)
     meter, images_seen = common.Meter(), 0
     order = cycle_order(labels, k, args, epoch)
     for idx, images, _ in run.batches(data, args.batch_size, epoch, meter, order, args.random_resized_crop):
@@ -539,7 +552,8 @@ def evaluate(raw_model, data, labels, probe_train, probe_test, augment, prepare,
         probe_augment = prepare
         if args.dataset in ("imagenet", "imagefolder"):  # eval_linear.py: random 224 crop of 256, flip
             probe_augment = lambda u8: prepare(common.horizontal_flip(common.random_crop(u8, 224)))  # noqa: E731
-        result.update(eval_linear_probe(raw_model, probe_train, probe_test, probe_augment, prepare, args, device))
+        result.update(eval_linear_probe(raw_model, probe_train, probe_test, probe_augment, prepare, args,
+                                        device))
     return result
 
 
@@ -568,7 +582,8 @@ def main(argv=None):
     # --- resume
     head = list(raw_model.head.parameters())
     body = [p for p in raw_model.parameters() if all(p is not h for h in head)]
-    optimizer = torch.optim.SGD([{"params": body, "momentum": args.momentum}, {"params": head, "momentum": 0.0}],
+    optimizer = torch.optim.SGD([{"params": body, "momentum": args.momentum},
+                                 {"params": head, "momentum": 0.0}],
                                 lr=args.lr, weight_decay=args.weight_decay)
     labels = torch.full((len(data),), -1, dtype=torch.long, device=device)  # -1: not clustered yet
     clustering = {}  # the metrics of this cycle's clustering, kept by a checkpoint taken inside the cycle
@@ -586,7 +601,8 @@ def main(argv=None):
             reset_head(raw_model.head, torch.Generator().manual_seed(cycle_seed(args.seed, epoch, 2)))
         t0 = time.time()
         raw_model.train()
-        meter, images_seen = train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, labels)
+        meter, images_seen = train_one_epoch(model, optimizer, data, augment, args, epoch, run, device,
+                                             labels)
         metrics = meter.averages(epoch, run)  # waits for the device, so the time below is complete
         seconds = time.time() - t0
         metrics.update(lr=optimizer.param_groups[0]["lr"], **clustering)
@@ -596,7 +612,8 @@ def main(argv=None):
     result = {"cycles": args.cycles, **evaluate(raw_model, data, labels, probe_train, probe_test, augment,
                                                 prepare, args, device)}
     run.finish(result)
-    run.print("final: " + " | ".join(f"{key} {value:.4f}" for key, value in result.items() if key != "cycles"))
+    run.print("final: " + " | ".join(f"{key} {value:.4f}" for key, value in result.items()
+                                     if key != "cycles"))
 
 
 if __name__ == "__main__":

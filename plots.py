@@ -27,7 +27,8 @@ from common import Abort
 RUN_FILES = ("args.json", "metrics.jsonl", "final.json")
 CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    "fashion-mnist": ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
+    "fashion-mnist": ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                      "bag", "boot"),
 }
 
 
@@ -156,7 +157,8 @@ def halting_points(runs, key="probe_test_acc"):
         if key not in final:
             raise Abort(f"{run}: no {key!r} in final.json; keys there: {', '.join(final)}")
         halt = args["halt_clustering"]
-        points.setdefault(args["cycles"] if halt is None else min(halt, args["cycles"]), []).append(final[key])
+        points.setdefault(args["cycles"] if halt is None else min(halt, args["cycles"]),
+                          []).append(final[key])
     return dict(sorted(points.items()))
 
 
@@ -190,15 +192,18 @@ def draw_curves(plt, args):
 def draw_confusion(plt, args):
     run = args.runs[0]
     counts, clusters, classes, acc = confusion_data(run, args.key)
-    dataset = read_json(run, "args.json").get("dataset") if run_file(run, "args.json", required=False) else None
+    dataset = (read_json(run, "args.json").get("dataset") if run_file(run, "args.json", required=False)
+               else None)
     names = CLASS_NAMES.get(dataset, ())
     names = names if len(names) == counts.shape[1] else range(counts.shape[1])
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(min(16, 1.5 + 0.6 * counts.shape[1]), min(16, 1.2 + 0.5 * counts.shape[0])))
+    fig, ax = plt.subplots(figsize=(min(16, 1.5 + 0.6 * counts.shape[1]),
+                                    min(16, 1.2 + 0.5 * counts.shape[0])))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if counts.size <= 400:
         for (k, c), n in np.ndenumerate(counts):
-            ax.text(c, k, n, ha="center", va="center", fontsize=7, color="white" if share[k, c] > 0.5 else "black")
+            ax.text(c, k, n, ha="center", va="center", fontsize=7,
+                    color="white" if share[k, c] > 0.5 else "black")
     ax.set_xticks(range(counts.shape[1]), names, rotation=45, ha="right")
     ax.set_yticks(range(counts.shape[0]), [f"{k} -> {names[c]}" for k, c in zip(clusters, classes)])
     ax.set(xlabel="class", ylabel="cluster -> matched class",

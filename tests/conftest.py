@@ -39,7 +39,8 @@ def wait_for_line(proc, run_dir, stage, epoch, timeout=600):
     """Wait until metrics.jsonl holds the line of (stage, epoch) or the process ends."""
     deadline, path = time.time() + timeout, os.path.join(run_dir, "metrics.jsonl")
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and (stage, epoch) in {(m["stage"], m["epoch"]) for m in read_metrics(run_dir)}:
+        if (os.path.exists(path)
+                and (stage, epoch) in {(m["stage"], m["epoch"]) for m in read_metrics(run_dir)}):
             return
         time.sleep(0.05)
 

@@ -168,7 +168,8 @@ def blobs(n, dim, classes, spread, seed):
 def test_knn_on_separable_data():
     train_x, train_y = blobs(600, 16, 5, 0.5, 0)
     test_x, test_y = blobs(200, 16, 5, 0.5, 0)
-    pred = common.knn_predict(train_x, train_y, test_x + 0.1, 5, k=20, temperature=0.1, chunk_elements=600 * 7)
+    pred = common.knn_predict(train_x, train_y, test_x + 0.1, 5, k=20, temperature=0.1,
+                              chunk_elements=600 * 7)
     assert (pred == test_y).float().mean() > 0.98
     # with labels shuffled the classifier is at chance: it does use the labels
     shuffled = train_y[torch.randperm(600)]
@@ -274,7 +275,7 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     out = common.random_crop(x, 6, padding=2)
     padded = F.pad(x, (2, 2, 2, 2))
     for i in range(2):
-        windows = [padded[i, :, t:t + 6, l:l + 6] for t in range(5) for l in range(5)]
+        windows = [padded[i, :, t:t + 6, l:l + 6] for t in range(5) for l in range(5)]  # noqa: E741
         assert any(torch.equal(out[i], w) for w in windows)
     assert common.random_crop(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), 8, 2).dtype == torch.uint8
 
@@ -459,7 +460,8 @@ def lloyd(x, k, seed, iters=30):
     centres = x[torch.randperm(len(x), generator=g)[:k]]
     for _ in range(iters):
         assign = torch.cdist(x, centres).argmin(1)
-        centres = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        centres = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j]
+                               for j in range(k)])
     return assign
 
 
@@ -529,7 +531,8 @@ def test_labels_outside_the_classes_are_refused(tmp_path, monkeypatch):
     torch.save({"images": images, "labels": torch.full((40,), -1)}, tmp_path / "cifar10-train.pt")
     with pytest.raises(common.Abort, match=r"cifar10-train\.pt .*-1\.\.-1"):
         common.load_dataset("cifar10", "train", str(tmp_path), download=False)
-    torch.save({"images": images[:, :, :3, :3], "labels": torch.full((40,), -1)}, tmp_path / "stl10-unlabeled.pt")
+    torch.save({"images": images[:, :, :3, :3], "labels": torch.full((40,), -1)},
+               tmp_path / "stl10-unlabeled.pt")
     assert (common.load_dataset("stl10", "unlabeled", str(tmp_path), download=False).labels == -1).all()
     # coarse labels of CIFAR-100 are checked against the 20 super-classes
     torch.save({"images": images, "labels": torch.arange(40), "coarse_labels": torch.arange(40)},
@@ -545,7 +548,8 @@ def test_labels_outside_the_classes_are_refused(tmp_path, monkeypatch):
             self.labels[1] = 10
 
     monkeypatch.setattr(torchvision.datasets, "SVHN", BadLabels)
-    with pytest.raises(common.Abort, match=r"SVHN files under .* bad train split \(labels range over 0\.\.10"):
+    with pytest.raises(common.Abort,
+                       match=r"SVHN files under .* bad train split \(labels range over 0\.\.10"):
         common.load_dataset("svhn", "train", str(tmp_path))
     assert not (tmp_path / "svhn-train.pt").exists()
 
@@ -567,8 +571,10 @@ def test_cache_is_used_and_corrupt_cache_is_reported(tmp_path):
     with pytest.raises(common.Abort, match="corrupt dataset cache"):
         common.load_dataset("cifar10", "train", str(tmp_path))
     # torch.load's refusal of a non-tensor object spans many lines: the message keeps to one
-    torch.save({"images": np.zeros((2, 3, 4, 4), np.uint8), "labels": labels[:2]}, tmp_path / "cifar10-train.pt")
-    with pytest.raises(common.Abort, match=r"corrupt dataset cache .*cifar10-train\.pt \(UnpicklingError") as info:
+    torch.save({"images": np.zeros((2, 3, 4, 4), np.uint8), "labels": labels[:2]},
+               tmp_path / "cifar10-train.pt")
+    with pytest.raises(common.Abort,
+                       match=r"corrupt dataset cache .*cifar10-train\.pt \(UnpicklingError") as info:
         common.load_dataset("cifar10", "train", str(tmp_path))
     assert "\n" not in str(info.value)
 
@@ -599,7 +605,8 @@ class FakeTorchvisionSplit:
                 pickle.dump({"coarse_labels": [i % 20 for i in range(n)]}, f)
 
 
-@pytest.mark.parametrize("name,cls,layout,side", [("svhn", "SVHN", "NCHW", 32), ("stl10", "STL10", "NCHW", 96),
+@pytest.mark.parametrize("name,cls,layout,side", [("svhn", "SVHN", "NCHW", 32),
+                                                  ("stl10", "STL10", "NCHW", 96),
                                                   ("cifar100-20", "CIFAR100", "NHWC", 32)])
 def test_torchvision_decoding_and_cache(name, cls, layout, side, tmp_path, monkeypatch):
     fake = type(cls, (FakeTorchvisionSplit,), {"layout": layout, "side": side})
@@ -609,7 +616,8 @@ def test_torchvision_decoding_and_cache(name, cls, layout, side, tmp_path, monke
     assert data.images.dtype == torch.uint8 and data.images.shape == (12, 3, side, side)
     expected = reference.data if layout == "NCHW" else reference.data.transpose(0, 3, 1, 2)
     assert np.array_equal(data.images.numpy(), expected)
-    assert data.labels.tolist() == ([i % 20 for i in range(12)] if name == "cifar100-20" else [i % 10 for i in range(12)])
+    assert data.labels.tolist() == ([i % 20 for i in range(12)] if name == "cifar100-20"
+                                    else [i % 10 for i in range(12)])
     cache = tmp_path / f"{common.DATASETS[name][1]}-train.pt"
     assert cache.exists()
     monkeypatch.delattr(torchvision.datasets, cls)  # the cache alone now serves the split
@@ -646,8 +654,10 @@ def test_mnist_family_gz_files_are_read_without_writing_beside_them(tmp_path, mo
     with pytest.raises(common.Abort, match=r"t10k-labels-idx1-ubyte\.gz is not torchvision's original file"):
         common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
     # so is a truncated unpacked file (read in place of its .gz)
-    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 7, 3]))  # 7 labels announced, 1 there
-    with pytest.raises(common.Abort, match=r"cannot read .*t10k-labels-idx1-ubyte \(RuntimeError: .*\); delete it"):
+    # 7 labels announced, 1 there
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 7, 3]))
+    with pytest.raises(common.Abort,
+                       match=r"cannot read .*t10k-labels-idx1-ubyte \(RuntimeError: .*\); delete it"):
         common.load_dataset("fashion-mnist", "test", str(tmp_path), download=False)
 
 
@@ -695,11 +705,13 @@ def test_imagefolder_splits_share_one_class_list(tmp_path):
     make_image_folder(tmp_path, {"train/cat": 2, "train/cow": 3, "train/dog": 1, "val/cat": 1, "val/dog": 2})
     everything = common.load_dataset("imagefolder", "all", str(tmp_path), image_size=8)
     # all = train + val, 3 classes (not the 2 folders train and val)
-    assert everything.num_classes == 3 and everything.classes == ["cat", "cow", "dog"] and len(everything) == 9
+    assert (everything.num_classes == 3 and everything.classes == ["cat", "cow", "dog"]
+            and len(everything) == 9)
     assert everything.labels.tolist() == [0, 0, 1, 1, 1, 2, 0, 2, 2]
     val = common.load_dataset("imagefolder", "test", str(tmp_path), image_size=8)
     assert val.num_classes == 3 and val.labels.tolist() == [0, 2, 2]  # dog keeps id 2 without cow
-    assert [os.path.relpath(p, tmp_path) for p, _ in val.samples] == ["val/cat/0.png", "val/dog/0.png", "val/dog/1.png"]
+    assert [os.path.relpath(p, tmp_path) for p, _ in val.samples] == ["val/cat/0.png", "val/dog/0.png",
+                                                                      "val/dog/1.png"]
     assert common.load_dataset("imagefolder", "train", str(tmp_path)).labels.tolist() == [0, 0, 1, 1, 1, 2]
     # a folder of class folders is the data of every split
     flat = tmp_path / "train"
@@ -721,7 +733,8 @@ def test_imagefolder_layouts_that_cannot_work_are_named(tmp_path):
     with pytest.raises(common.Abort, match="only_train has no val/ or test/ for the test split"):
         common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
     (tmp_path / "only_train" / "val").mkdir()  # an empty val/: the test split has no image
-    with pytest.raises(common.Abort, match=f"no image in the class folders of {tmp_path / 'only_train' / 'val'} "):
+    with pytest.raises(common.Abort,
+                       match=f"no image in the class folders of {tmp_path / 'only_train' / 'val'} "):
         common.load_dataset("imagefolder", "test", str(tmp_path / "only_train"))
     assert len(common.load_dataset("imagefolder", "all", str(tmp_path / "only_train"))) == 1
     with pytest.raises(common.Abort, match="nowhere is not a folder"):
@@ -764,7 +777,8 @@ def test_real_mnist_family(name, folder, tmp_path):
     test = common.load_dataset(name, "test", str(tmp_path), download=True)
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(train.labels).min() > 5000 and torch.bincount(test.labels).min() > 800
-    assert sorted(os.listdir(tmp_path / folder / "raw")) == sorted(os.listdir(os.path.join(DATA_DIR, folder, "raw")))
+    assert (sorted(os.listdir(tmp_path / folder / "raw"))
+            == sorted(os.listdir(os.path.join(DATA_DIR, folder, "raw"))))
     mean = common.to_float(train.images[:10000]).mean().item()
     assert mean == pytest.approx(common.DATASETS[name][3][0], abs=0.01)
     shutil.rmtree(tmp_path / folder)  # now only the cache remains
@@ -797,7 +811,8 @@ def run_args(tmp_path, name="r"):
     """The arguments common.Run reads, as a method's parse_args makes them (name None: the default
     run directory)."""
     return argparse.Namespace(dataset="synthetic", seed=3, out_dir=name and str(tmp_path / name), resume=None,
-                              time_limit=None, log_every=60.0, tensorboard=False, lr=0.1, epochs=5, resume_changes={})
+                              time_limit=None, log_every=60.0, tensorboard=False, lr=0.1, epochs=5,
+                              resume_changes={})
 
 
 def resume_args(path, **changes):
@@ -830,13 +845,15 @@ def test_checkpoint_round_trip_restores_every_named_object_and_the_rng(tmp_path)
     sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, [1], 0.5)
     bank2, extra2 = torch.zeros(5, 3), {}
     assert resumed.resumed_stage == "stage"
-    assert resumed.resume("stage", 7, model=model2, optimizer=opt2, scheduler=sched2, bank=bank2, extra=extra2) == 5
+    assert resumed.resume("stage", 7, model=model2, optimizer=opt2, scheduler=sched2, bank=bank2,
+                          extra=extra2) == 5
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
     assert random.random() == expected[2]
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in saved[0].items())
     assert torch.equal(bank2, saved[1]) and extra2.keys() == saved[2].keys() and extra2["count"] == 7
     assert torch.equal(extra2["centre"], saved[2]["centre"])
-    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"],
+                       opt.state_dict()["state"][0]["momentum_buffer"])
     assert sched2.get_last_lr() == [0.05]
     assert not [f for f in os.listdir(run.path) if ".tmp" in f]  # atomic write left no temp file
     resumed.close()
@@ -901,7 +918,8 @@ def test_resume_repairs_metrics_and_removes_temporaries_of_killed_writers(tmp_pa
     open(dead, "w").write("x" * 100)
     run.close()  # the process ends
     resumed = common.Run("test", resume_args(run.path))
-    assert [(m["stage"], m["epoch"]) for m in map(json.loads, open(run.file("metrics.jsonl")))] == [("a", 0), ("a", 1)]
+    assert ([(m["stage"], m["epoch"]) for m in map(json.loads, open(run.file("metrics.jsonl")))]
+            == [("a", 0), ("a", 1)])
     assert not os.path.exists(dead)
     resumed.resume("a", 5)
     resumed.save_checkpoint(2, step=4, meter=meter)  # stopped inside epoch 3
@@ -918,13 +936,14 @@ def test_divergence_message_says_what_is_kept(tmp_path):
     meter = common.Meter()
     meter.add(loss=torch.tensor(1.0))
     meter.add(loss=torch.tensor(float("nan")))
-    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged before any checkpoint") as info:
+    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged before any "
+                                           "checkpoint") as info:
         meter.averages(1, run)
     assert info.value.exit_code == 1
     run.save_checkpoint(0)
     before = open(run.file("checkpoint.pt"), "rb").read()
-    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged; the last good checkpoint is "
-                                           "kept in .*--resume .* --lr LR"):
+    with pytest.raises(common.Abort, match="loss became nan at epoch 2: training diverged; the last good "
+                                           "checkpoint is kept in .*--resume .* --lr LR"):
         meter.averages(1, run)
     assert open(run.file("checkpoint.pt"), "rb").read() == before
     ok = common.Meter()
@@ -973,7 +992,8 @@ def test_command_line_conventions(capsys):
     with pytest.raises(SystemExit) as info:
         p.parse_args(["--n", "0"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and err == "m.py: error: argument --n: '0' is not an integer >= 1 (see m.py --help)\n"
+    assert info.value.code == 2 and err == ("m.py: error: argument --n: '0' is not an integer >= 1 "
+                                            "(see m.py --help)\n")
 
 
 def test_resume_keeps_the_saved_settings_and_names_refused_flags(tmp_path, capsys):
@@ -990,14 +1010,16 @@ def test_resume_keeps_the_saved_settings_and_names_refused_flags(tmp_path, capsy
     run.resume("s", 2)
     run.save_checkpoint(0)
     run.close()
-    same = common.parse_arguments(parser(), ["--resume", run.path, "--width", "4"], "m.py", check, ("epochs",))
+    same = common.parse_arguments(parser(), ["--resume", run.path, "--width", "4"], "m.py", check,
+                                  ("epochs",))
     assert same.width == 4 and same.resume_changes == {}  # repeating the saved value is no change
-    longer = common.parse_arguments(parser(), ["--resume", run.path, "--epochs", "5", "--device", "cpu"], "m.py",
-                                    check, ("epochs",))
+    longer = common.parse_arguments(parser(), ["--resume", run.path, "--epochs", "5", "--device", "cpu"],
+                                    "m.py", check, ("epochs",))
     assert (longer.epochs, longer.width, longer.device) == (5, 4, "cpu")
     assert longer.resume_changes == {"epochs": (2, 5), "device": (None, "cpu")}
     with pytest.raises(SystemExit) as info:
-        common.parse_arguments(parser(), ["--resume", run.path, "--width", "16", "--seed", "1"], "m.py", check)
+        common.parse_arguments(parser(), ["--resume", run.path, "--width", "16", "--seed", "1"], "m.py",
+                               check)
     err = capsys.readouterr().err
     assert info.value.code == 2 and "--width, --seed cannot change" in err and err.count("\n") == 1
     with pytest.raises(common.Abort, match="is a run of m.py"):
@@ -1010,7 +1032,8 @@ def test_epoch_batches_cover_the_epoch_from_a_step(tmp_path):
     assert len(full) == 500 // 64
     batches = [idx for idx, _, _ in full]
     later = [idx for idx, _, _ in common.EpochBatches(data, 64, seed=1, epoch=2, first=3)]
-    assert len(batches) == 7 and all(torch.equal(a, b) for a, b in zip(batches[3:], later)) and len(later) == 4
+    assert (len(batches) == 7 and all(torch.equal(a, b) for a, b in zip(batches[3:], later))
+            and len(later) == 4)
     assert torch.equal(torch.cat(batches), common.epoch_order(500, 1, 2, "cpu")[:448])
 
 

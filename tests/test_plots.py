@@ -65,7 +65,8 @@ def deepcluster_run(path, halt, cycles, acc):
 # ------------------------------------------------------------------------------------------------
 def test_a_run_is_a_directory_or_one_of_its_files(lsdc_run, tmp_path):
     assert plots.run_file(lsdc_run, "final.json") == os.path.join(lsdc_run, "final.json")
-    assert plots.run_file(os.path.join(lsdc_run, "args.json"), "metrics.jsonl") == os.path.join(lsdc_run, "metrics.jsonl")
+    assert (plots.run_file(os.path.join(lsdc_run, "args.json"), "metrics.jsonl")
+            == os.path.join(lsdc_run, "metrics.jsonl"))
     assert plots.run_name(lsdc_run) == plots.run_name(os.path.join(lsdc_run, "final.json")) == "lsdc_run"
     # a flat copy, as in benchmarks/results/: <name>.<file>
     flat = tmp_path / "results"
@@ -80,7 +81,8 @@ def test_a_run_is_a_directory_or_one_of_its_files(lsdc_run, tmp_path):
 
 @pytest.mark.parametrize("where, name, message", [
     ("nowhere", "final.json", "nowhere: no such run directory or file"),
-    ("lsdc_run/notes.txt", "final.json", "not a run directory nor one of its files (args.json, metrics.jsonl"),
+    ("lsdc_run/notes.txt", "final.json",
+     "not a run directory nor one of its files (args.json, metrics.jsonl"),
     ("empty", "final.json", "empty: no final.json (looked for"),
     ("lsdc_run/final.json", "checkpoint.pt", "final.json: no checkpoint.pt (looked for"),
 ])
@@ -152,7 +154,8 @@ def test_ia_boxes_are_sorted_by_k_then_pca_across_runs(tmp_path):
         "k5_pca0": ia_summary(5, 0, [0.1, 0.12, 0.15, 0.17, 0.2])}, "seeds": [0, 1, 2, 3, 4]})
     boxes = plots.ia_boxes([a, b])
     assert [(box["k"], box["pca_dim"]) for box in boxes] == [(5, 0), (5, 64), (10, 0)]
-    assert [box["label"] for box in boxes] == ["k=5\nPCA off\n5 seeds", "k=5\nPCA 64\n5 seeds", "k=10\nPCA off\n5 seeds"]
+    assert [box["label"] for box in boxes] == ["k=5\nPCA off\n5 seeds", "k=5\nPCA 64\n5 seeds",
+                                               "k=10\nPCA off\n5 seeds"]
     assert [[box[s] for s in ("whislo", "q1", "med", "q3", "whishi")] for box in boxes] == [
         [0.1, 0.12, 0.15, 0.17, 0.2], [0.3, 0.33, 0.35, 0.37, 0.4], [0.5, 0.52, 0.55, 0.57, 0.6]]
 
@@ -204,7 +207,8 @@ def png_size(path):
 ])
 def test_each_figure_is_written_as_a_png(lsdc_run, tmp_path, figure, extra, size, capsys):
     pytest.importorskip("matplotlib")
-    ia = write_run(tmp_path / "ia", final={"initial_alignment": {"k5_pca0": ia_summary(5, 0, [0.1, 0.2, 0.3, 0.4, 0.5])}})
+    ia = write_run(tmp_path / "ia", final={"initial_alignment": {
+        "k5_pca0": ia_summary(5, 0, [0.1, 0.2, 0.3, 0.4, 0.5])}})
     dc = [deepcluster_run(tmp_path / "h1", 1, 3, 0.5), deepcluster_run(tmp_path / "never", None, 3, 0.6)]
     runs = {"curves": [lsdc_run], "confusion": [lsdc_run], "ia": [ia], "halting": dc, "nmi": dc}[figure]
     out = tmp_path / "figures" / f"{figure}.png"
@@ -218,7 +222,8 @@ def run_plots(code_before, args, cwd):
     code = (f"import runpy, sys; {code_before}; sys.argv = ['plots.py', *{args!r}]; "
             f"runpy.run_path({os.path.join(ROOT, 'plots.py')!r}, run_name='__main__')")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_without_matplotlib_one_line_says_how_to_install_it(lsdc_run, tmp_path):

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import common
-from conftest import (ENV, one_line_error, read_json, read_metrics, results, run_script, run_until, script_path,
-                      start_script, wait_for_line)
+from conftest import (ENV, one_line_error, read_json, read_metrics, results, run_script, run_until,
+                      script_path, start_script, wait_for_line)
 
 SYNTHETIC = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
 
@@ -49,9 +49,9 @@ def deepcluster_learned(runs):
 # the demo and what the demo must reach.
 METHODS = {
     "lsdc.py": dict(
-        quick=lambda run: [*SYNTHETIC, "--split", "test", "--width", "4", "--batch-size", "50", "--epochs", "3",
-                           "--rotnet-epochs", "2", "--rotnet-milestones", "--rotnet-batch-size", "100",
-                           "--rotnet-dir", f"{run}-rotnet", "--out-dir", run],
+        quick=lambda run: [*SYNTHETIC, "--split", "test", "--width", "4", "--batch-size", "50",
+                           "--epochs", "3", "--rotnet-epochs", "2", "--rotnet-milestones",
+                           "--rotnet-batch-size", "100", "--rotnet-dir", f"{run}-rotnet", "--out-dir", run],
         last=("lsdc", 2), kill_at=("rotnet", 0), nan=["--rotnet-lr", "1e30"], stop=signal.SIGTERM,
         extend=["--epochs", "4"], frozen=["--batch-size", "32"],
         demo=lambda run: [*SYNTHETIC, "--out-dir", run, "--rotnet-dir", f"{run}-rotnet"],
@@ -82,7 +82,8 @@ def skeleton(path):
     titles = [lines[i + 1][2:] for i in range(len(lines) - 2)
               if re.fullmatch(r"# =+", lines[i]) and re.fullmatch(r"# =+", lines[i + 2])]
     return "".join(next((code for title, code in BANNERS.items()
-                         if t == title or (title.endswith(": ") and t.startswith(title))), "?") for t in titles)
+                         if t == title or (title.endswith(": ") and t.startswith(title))), "?")
+                   for t in titles)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -92,7 +93,8 @@ def test_method_file_follows_the_skeleton(script):
     source = open(path).read()
     tree = ast.parse(source)
     header_lines = source[:source.index("\nimport ")].count("\n") + 1
-    assert ast.get_docstring(tree) and header_lines <= 32, f"{script}: the header runs to {header_lines} lines"
+    assert ast.get_docstring(tree) and header_lines <= 32, \
+        f"{script}: the header runs to {header_lines} lines"
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     for name in ("parse_args", "check_args", "make_transforms", "train_one_epoch", "evaluate", "main"):
         assert name in functions, name
@@ -109,7 +111,8 @@ def test_method_file_follows_the_skeleton(script):
 def test_skeleton_reader_sees_a_misplaced_banner(tmp_path):
     banner = "# " + "=" * 20
     body = [f"{banner}\n# {t}\n{banner}\n" for t in ("Defaults", "Command line", "Model", "Method: x",
-                                                        "Data and augmentation", "Training", "Evaluation", "Main")]
+                                                        "Data and augmentation", "Training", "Evaluation",
+                                                        "Main")]
     (tmp_path / "ok.py").write_text("".join(body))
     (tmp_path / "bad.py").write_text("".join([body[0], body[2], body[1], *body[3:]]))
     assert re.fullmatch(SKELETON, skeleton(tmp_path / "ok.py"))
@@ -143,8 +146,9 @@ def test_help_shows_the_value_each_flag_takes(script, capsys):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("flags,named", [
-    (["--no-such-flag"], "--no-such-flag"), (["--dataset", "cifar11"], "cifar11"), (["--seed", "-1"], "--seed"),
-    (["--device", "tpu"], "--device"), (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--no-such-flag"], "--no-such-flag"), (["--dataset", "cifar11"], "cifar11"),
+    (["--seed", "-1"], "--seed"), (["--device", "tpu"], "--device"),
+    (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"),
     (["--batch-size", "0"], "--batch-size"), (["--eval-batch-size", "0"], "--eval-batch-size"),
     (["--momentum", "-1"], "--momentum"), (["--time-limit", "0"], "--time-limit"),
     (["--num-clusters", "0"], "--num-clusters"), (["--seed", "x"], "--seed"),
@@ -175,13 +179,15 @@ def demos(tmp_path_factory):
     for script, method in METHODS.items():
         for name, extra in {"demo": [], **method["extra_runs"]}.items():
             run = str(tmp / f"{script}-{name}")
-            procs[script, name] = start_script(script, [*method["demo"](run), *extra], tmp, f"{script}-{name}.log")
+            procs[script, name] = start_script(script, [*method["demo"](run), *extra], tmp,
+                                               f"{script}-{name}.log")
     out = {}
     for (script, name), proc in procs.items():
         assert proc.wait(timeout=900) == 0, open(tmp / f"{script}-{name}.log").read()[-3000:]
         run = tmp / f"{script}-{name}"
-        out.setdefault(script, {})[name] = (read_metrics(run) if os.path.exists(run / "metrics.jsonl") else [],
-                                            read_json(run / "final.json"))
+        out.setdefault(script, {})[name] = (
+            read_metrics(run) if os.path.exists(run / "metrics.jsonl") else [],
+            read_json(run / "final.json"))
     return out
 
 
@@ -242,11 +248,13 @@ def test_resume_policy(script, reference, tmp_path):
     shutil.copytree(reference / script, run)
     before = open(os.path.join(run, "final.json")).read()
     refused = run_script(script, ["--resume", run, *method["frozen"]], tmp_path)
-    assert refused.returncode == 2 and one_line_error(refused.stderr) and method["frozen"][0] in refused.stderr
+    assert (refused.returncode == 2 and one_line_error(refused.stderr)
+            and method["frozen"][0] in refused.stderr)
     assert open(os.path.join(run, "final.json")).read() == before
     other = "deepcluster.py" if script != "deepcluster.py" else "lsdc.py"
     foreign = run_script(other, ["--resume", run], tmp_path)
-    assert foreign.returncode == 2 and f"is a run of {script}" in foreign.stderr and one_line_error(foreign.stderr)
+    assert (foreign.returncode == 2 and f"is a run of {script}" in foreign.stderr
+            and one_line_error(foreign.stderr))
 
     extended = run_script(script, ["--resume", run, *method["extend"]], tmp_path)
     assert extended.returncode == 0, extended.stderr[-3000:]
@@ -273,9 +281,11 @@ def test_a_run_directory_is_never_overwritten(script, reference, tmp_path):
     for target in (run, str(only_result)):
         digest = {f: hashlib.sha1(open(os.path.join(target, f), "rb").read()).hexdigest()
                   for f in os.listdir(target) if f != ".lock"}
-        flags = [f if f != METHODS[script]["quick"]("X")[-1] else target for f in METHODS[script]["quick"]("X")]
+        flags = [f if f != METHODS[script]["quick"]("X")[-1] else target
+                 for f in METHODS[script]["quick"]("X")]
         result = run_script(script, flags, tmp_path)
-        assert result.returncode == 2 and "already holds a run" in result.stderr and one_line_error(result.stderr)
+        assert (result.returncode == 2 and "already holds a run" in result.stderr
+                and one_line_error(result.stderr))
         assert digest == {f: hashlib.sha1(open(os.path.join(target, f), "rb").read()).hexdigest()
                           for f in os.listdir(target) if f != ".lock"}
 
@@ -296,7 +306,8 @@ def test_divergence_stops_with_one_line_and_writes_no_result(script, tmp_path):
     result = run_script(script, [*METHODS[script]["quick"](run), *METHODS[script]["nan"]], tmp_path)
     assert result.returncode == 1 and one_line_error(result.stderr), result.stderr[-3000:]
     assert "training diverged before any checkpoint was written" in result.stderr
-    assert not os.path.exists(os.path.join(run, "final.json")) and not os.path.exists(os.path.join(run, "checkpoint.pt"))
+    assert (not os.path.exists(os.path.join(run, "final.json"))
+            and not os.path.exists(os.path.join(run, "checkpoint.pt")))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -320,8 +331,8 @@ def test_two_processes_with_torchrun(script, reference, tmp_path):
     """Two CPU processes (gloo): rank 0 alone writes the run, every rank's RNG is checkpointed, and
     the first epoch sees the data as the single process does (within a process's own batches)."""
     run = str(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script_path(script), *METHODS[script]["quick"](run)],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", script_path(script), *METHODS[script]["quick"](run)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final") == 1 and "x 2" in result.stdout
