@@ -275,7 +275,7 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     out = common.random_crop(x, 6, padding=2)
     padded = F.pad(x, (2, 2, 2, 2))
     for i in range(2):
-        windows = [padded[i, :, t:t + 6, l:l + 6] for t in range(5) for l in range(5)]  # noqa: E741
+        windows = [padded[i, :, top:top + 6, left:left + 6] for top in range(5) for left in range(5)]
         assert any(torch.equal(out[i], w) for w in windows)
     assert common.random_crop(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), 8, 2).dtype == torch.uint8
 
