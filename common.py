@@ -253,18 +253,20 @@ def image_folder_samples(root, split):
 
 def make_synthetic(n, num_classes=10, size=32, seed=0):
     """Clusterable 32x32 RGB images with a known class. Class c draws upright shape c % 10 (triangle,
-    T, L, half-disk, arrow, house, F, mushroom, cup, pin), striped when (c // 10) is odd, in a hue
-    tied to the class, at a random position and scale, on a random plain background, with pixel
-    noise. Every shape has an up direction, so rotation prediction must look at the shape (RotNet
-    learns useful features); the random background dominates pixel distances, so k-means on raw
-    pixels is poor while a small CNN clusters it well. Deterministic for a given seed."""
+    T, L, half-disk, arrow, house, F, mushroom, cup, pin), striped when (c // 10) is odd, in hue
+    c / num_classes (evenly spaced, so neighbouring classes never share a hue), near the centre
+    at a slightly random position and scale, on a random plain background, with pixel noise.
+    Every shape has an up direction, so rotation prediction must look at the shape (RotNet learns
+    useful features), and the shape fills a steady part of the image, so those features tell the
+    classes apart; the random background dominates pixel distances, so k-means on raw pixels is
+    poor while a small CNN clusters it well. Deterministic for a given seed."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
     rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    cx, cy = (rand(n, 1, 1) - 0.5) * 0.7, (rand(n, 1, 1) - 0.5) * 0.7
-    radius = 0.4 + 0.25 * rand(n, 1, 1)
+    cx, cy = (rand(n, 1, 1) - 0.5) * 0.3, (rand(n, 1, 1) - 0.5) * 0.3
+    radius = 0.55 + 0.1 * rand(n, 1, 1)
     u, v = (x - cx) / radius, (y - cy) / radius  # v grows downwards
     au, d = u.abs(), (u ** 2 + v ** 2).sqrt()
     stem = (au < 0.2) & (v > -0.1) & (v < 1)
@@ -283,7 +285,7 @@ def make_synthetic(n, num_classes=10, size=32, seed=0):
     mask = shapes[labels % 10, torch.arange(n)]
     striped = ((labels // 10) % 2 == 1)[:, None, None]
     mask &= ~striped | (torch.sin(v * 9.0) > 0)
-    hue = (labels * 0.618034 + 0.1 * (rand(n) - 0.5)) % 1.0
+    hue = (labels / num_classes + 0.06 * (rand(n) - 0.5)) % 1.0
     fg = hsv_to_rgb(torch.stack([hue, 0.6 + 0.4 * rand(n), 0.55 + 0.45 * rand(n)], 1))
     bg = hsv_to_rgb(torch.stack([rand(n), 0.5 * rand(n), 0.25 + 0.6 * rand(n)], 1))
     image = torch.where(mask[:, None], fg[:, :, None, None], bg[:, :, None, None])

@@ -466,12 +466,13 @@ def lloyd(x, k, seed, iters=30):
 
 
 def test_synthetic_is_learnable_but_not_trivial():
-    """Raw-pixel k-means is far from the classes, while a small CNN trained for five epochs on
-    the labels separates them: the clusters are in the images, but not in pixel space."""
+    """Raw-pixel k-means is far from the classes (best of three: 0.29), while a small CNN trained
+    for five epochs on the labels separates them (0.99): the clusters are in the images, but not in
+    pixel space."""
     train, test = common.load_dataset("synthetic", "train"), common.load_dataset("synthetic", "test")
     pixels = common.to_float(train.images).flatten(1)
     kmeans_acc = max(common.clustering_metrics(lloyd(pixels, 10, s), train.labels)["acc"] for s in range(3))
-    assert kmeans_acc < 0.35
+    assert kmeans_acc < 0.32
     torch.manual_seed(0)
     net = torch.nn.Sequential(common.build_backbone("resnet18", width=8), torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -484,7 +485,7 @@ def test_synthetic_is_learnable_but_not_trivial():
     net.eval()
     with torch.no_grad():
         acc = (net(common.to_float(test.images)).argmax(1) == test.labels).float().mean().item()
-    assert acc > 0.75 and acc > kmeans_acc + 0.4
+    assert acc > 0.9 and acc > kmeans_acc + 0.5
 
 
 def test_long_tail_profile():
