@@ -26,19 +26,28 @@ SYNTHETIC = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
 
 
 def lsdc_learned(runs):
+    """Seed 0 reaches ACC 0.93 (NMI 0.93) with every cluster in use; other seeds land lower when two
+    classes share clusters (seeds 1-4: 0.86, 0.73, 0.92, 0.92), so the bar keeps a margin."""
     (lines, final), (_, kmeans) = runs["demo"], runs["kmeans"]
     rotnet = [m for m in lines if m["stage"] == "rotnet"]
-    assert rotnet[-1]["test_rotation_acc"] > 0.5  # rotation prediction learned (chance 0.25)
-    assert final["acc"] > 0.3 and final["nmi"] > 0.3 and final["test_acc"] > 0.3  # chance: about 0.1 and 0
+    clustering = [m for m in lines if m["stage"] == "lsdc"]
+    assert rotnet[-1]["test_rotation_acc"] > 0.8  # rotation prediction learned (chance 0.25)
+    assert final["acc"] >= 0.8 and final["nmi"] >= 0.8 and final["test_acc"] >= 0.8  # chance: 0.1 and 0
+    assert final["smallest_cluster"] > 0 and np.array(final["confusion"]).sum(1).min() > 0  # none empty
     assert np.array(final["confusion"]).sum() == 2500
-    assert 0.12 < kmeans["acc"] < final["acc"]  # k-means on the same RotNet's features (Table 2)
+    assert clustering[-1]["acc"] > clustering[0]["acc"] + 0.15  # the clustering stage does the work
+    # the kNN links sharpen as the trained blocks learn the clusters (about 0.55 -> 0.85)
+    assert clustering[-1]["pair_precision"] > clustering[0]["pair_precision"] + 0.15
+    assert 0.12 < kmeans["acc"] < final["acc"] - 0.2  # k-means on the same RotNet's features (Table 2)
 
 
 def deepcluster_learned(runs):
+    """Seeds 0-2: probe 0.87 / 0.87 / 0.88 against 0.75 / 0.73 / 0.69 for the untrained network (a
+    third of the error gone), NMI with the classes 0.37 -> 0.53."""
     (lines, final), (_, untrained) = runs["demo"], runs["untrained"]
-    assert final["probe_test_acc"] > untrained["probe_test_acc"] + 0.1
+    assert final["probe_test_acc"] > 0.8 and final["probe_test_acc"] > untrained["probe_test_acc"] + 0.08
     nmis = [m["nmi_gt"] for m in lines]  # the pseudo-labels move towards the classes
-    assert max(nmis) > nmis[0] + 0.04 and nmis[-1] > nmis[0]
+    assert max(nmis) > nmis[0] + 0.1 and nmis[-1] > nmis[0] + 0.1
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.3
 
 
