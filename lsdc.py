@@ -140,7 +140,8 @@ def parse_args(argv=None):
                    help="lr factor at each milestone (official code)")
     g.add_argument("--momentum", type=common.fraction, help="SGD momentum (official code)")
     g.add_argument("--weight-decay", type=common.non_negative_float,
-                   help="weight decay (default: 5e-4 as the official code, or --mixup-weight-decay with --mix mixup)")
+                   help="weight decay (default: 5e-4 as the official code, "
+                   "or --mixup-weight-decay with --mix mixup)")
     g.add_argument("--mixup-weight-decay", type=common.non_negative_float,
                    help="weight decay with MixUp (the supplementary lowers it to 1e-4)")
     g.add_argument("--rampup-weight", type=common.non_negative_float,
@@ -434,7 +435,8 @@ def load_rotnet_weights(backbone, path, args):
         k = wrong[0] if wrong else next(k for k in weights if k not in expected)
         found = tuple(weights[k].shape) if k in weights else "missing"
         raise common.Abort(f"{path} does not hold weights of a {args.backbone} of width {args.width}: "
-                           f"{k} is {found}, expected {tuple(expected[k].shape) if k in expected else 'absent'}")
+                           f"{k} is {found}, expected "
+                           f"{tuple(expected[k].shape) if k in expected else 'absent'}")
     backbone.load_state_dict(weights)
 
 
@@ -631,7 +633,8 @@ def main(argv=None):
     freeze_blocks(backbone, args.frozen_blocks)                             # and the seed only
     params = [p for p in raw_model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.Adam(params, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.lr_gamma)

@@ -71,9 +71,11 @@ def test_split_empty_clusters_halves_a_splittable_cluster():
     x = torch.randn(11, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0] * 10 + [2])  # cluster 1 empty; cluster 2 is a singleton and cannot be split
     centroids = torch.zeros(3, 3)
-    labels, centroids = deepcluster.split_empty_clusters(x, labels.clone(), centroids, torch.Generator().manual_seed(0))
+    labels, centroids = deepcluster.split_empty_clusters(x, labels.clone(), centroids,
+                                                         torch.Generator().manual_seed(0))
     assert torch.bincount(labels).tolist() == [5, 5, 1]
-    assert torch.allclose(centroids[1], x[labels == 1].mean(0)) and torch.allclose(centroids[0], x[labels == 0].mean(0))
+    assert (torch.allclose(centroids[1], x[labels == 1].mean(0))
+            and torch.allclose(centroids[0], x[labels == 0].mean(0)))
 
 
 def test_kmeans_is_reproducible_for_a_seed():
@@ -92,7 +94,8 @@ def test_pca_whitening_gives_identity_covariance_on_the_leading_components():
     y = deepcluster.pca_whiten(x, 10)
     assert y.shape == (4000, 10)
     assert torch.allclose(y.mean(0), torch.zeros(10), atol=1e-4)
-    assert torch.allclose(torch.cov(y.T.double(), correction=0), torch.eye(10, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(torch.cov(y.T.double(), correction=0), torch.eye(10, dtype=torch.float64),
+                          atol=1e-4)
     xd = x.double().numpy()
     eigenvalues, eigenvectors = np.linalg.eigh(np.cov(xd.T, bias=True))
     reference = (xd - xd.mean(0)) @ eigenvectors[:, ::-1][:, :10] / np.sqrt(eigenvalues[::-1][:10])
@@ -152,10 +155,12 @@ def test_uniform_sampler_draws_n_over_k_per_non_empty_cluster():
 @pytest.mark.parametrize("balance,reassign", [("sampler", 0.5), ("none", 1.5), ("weight", 1.0)])
 def test_cycle_order_length_and_content(balance, reassign):
     """--reassign R: int(R * N) training images per cycle; without the sampler, whole shuffled passes."""
-    args = deepcluster.parse_args(["--dataset", "synthetic", "--balance", balance, "--reassign", str(reassign)])
+    args = deepcluster.parse_args(["--dataset", "synthetic", "--balance", balance,
+                                   "--reassign", str(reassign)])
     labels = torch.randint(0, 7, (1000,), generator=torch.Generator().manual_seed(0))
     order = deepcluster.cycle_order(labels, 7, args, cycle=3)
-    assert len(order) == int(reassign * 1000) and torch.equal(order, deepcluster.cycle_order(labels, 7, args, cycle=3))
+    assert (len(order) == int(reassign * 1000)
+            and torch.equal(order, deepcluster.cycle_order(labels, 7, args, cycle=3)))
     assert not torch.equal(order, deepcluster.cycle_order(labels, 7, args, cycle=4))
     if balance != "sampler":  # every image once per pass, then part of a second pass
         counts = torch.bincount(order, minlength=1000)
@@ -168,7 +173,8 @@ def test_nmi_bookkeeping():
     assert set(first) == {"nmi_gt"} and first["nmi_gt"] == pytest.approx(1.0)
     later = deepcluster.assignment_nmis(torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([5, 5, 3, 3, 4, 4]), y)
     assert later["nmi_prev"] == pytest.approx(common.nmi([0, 1, 0, 1, 0, 1], y)) and later["nmi_gt"] < 0.01
-    partly_known = deepcluster.assignment_nmis(torch.tensor([0, 0, 1, 1, 1, 0]), None, torch.tensor([0, 0, 1, 1, -1, -1]))
+    partly_known = deepcluster.assignment_nmis(torch.tensor([0, 0, 1, 1, 1, 0]), None,
+                                               torch.tensor([0, 0, 1, 1, -1, -1]))
     assert partly_known["nmi_gt"] == pytest.approx(1.0)
     assert deepcluster.assignment_nmis(torch.tensor([0, 1]), None, torch.tensor([-1, -1])) == {}
 
@@ -191,8 +197,10 @@ def test_sobel_equals_the_official_grayscale_then_sobel_convolutions():
 
 
 @pytest.mark.parametrize("backbone,size,layer,avgpool,dim", [
-    ("alexnet", 224, "relu1", True, 9600), ("alexnet", 224, "relu2", True, 9216), ("alexnet", 224, "relu3", True, 9600),
-    ("alexnet", 224, "relu4", True, 9600), ("alexnet", 224, "relu5", True, 9216),  # eval_linear.py's RegLog sizes
+    # eval_linear.py's RegLog sizes
+    ("alexnet", 224, "relu1", True, 9600), ("alexnet", 224, "relu2", True, 9216),
+    ("alexnet", 224, "relu3", True, 9600), ("alexnet", 224, "relu4", True, 9600),
+    ("alexnet", 224, "relu5", True, 9216),
     ("lenet5", 28, "conv2", False, 1600),  # the Deep Dive author's Conv-2 probe size for Fashion-MNIST
     ("alexnet-small", 32, "relu5", False, 128 * 9 * 9), ("lenet5", 32, "output", False, 84),
 ])
@@ -200,7 +208,8 @@ def test_probe_layer_sizes(backbone, size, layer, avgpool, dim):
     args = deepcluster.parse_args(["--dataset", "synthetic", "--backbone", backbone, "--probe-layer", layer])
     model = deepcluster.build_model(args, 3, size).eval()
     with torch.no_grad():
-        assert deepcluster.probe_features(model, torch.randn(2, 3, size, size), layer, avgpool).shape == (2, dim)
+        assert deepcluster.probe_features(model, torch.randn(2, 3, size, size), layer,
+                                          avgpool).shape == (2, dim)
         assert model.features(torch.randn(2, 3, size, size)).shape == (2, deepcluster.FEATURE_DIMS[backbone])
         assert model(torch.randn(2, 3, size, size)).shape == (2, args.num_clusters)
 
@@ -218,30 +227,37 @@ def test_backbone_tables_match_common():
 # ------------------------------------------------------------------------------------------------
 def test_defaults_follow_the_papers():
     a = deepcluster.parse_args(["--dataset", "fashion-mnist"])
-    assert (a.backbone, a.sobel, a.lr, a.weight_decay, a.momentum, a.batch_size, a.cycles, a.pca_dim, a.num_clusters,
-            a.probe_layer, a.probe_epochs) == ("lenet5", False, 0.1, 1e-3, 0.1, 128, 50, 0, 5, "conv2", 20)
+    assert (a.backbone, a.sobel, a.lr, a.weight_decay, a.momentum, a.batch_size, a.cycles, a.pca_dim,
+            a.num_clusters, a.probe_layer, a.probe_epochs) == \
+        ("lenet5", False, 0.1, 1e-3, 0.1, 128, 50, 0, 5, "conv2", 20)
     a = deepcluster.parse_args(["--dataset", "svhn"])
-    assert (a.backbone, a.sobel, a.momentum, a.batch_size, a.cycles, a.pca_dim, a.num_clusters, a.probe_layer) == \
-        ("alexnet-small", True, 0.5, 64, 100, 256, 200, "relu5")
+    assert (a.backbone, a.sobel, a.momentum, a.batch_size, a.cycles, a.pca_dim, a.num_clusters,
+            a.probe_layer) == ("alexnet-small", True, 0.5, 64, 100, 256, 200, "relu5")
     a = deepcluster.parse_args(["--dataset", "cifar10"])
     assert (a.momentum, a.batch_size, a.num_clusters, a.cycles) == (0.9, 64, 1000, 100)
     a = deepcluster.parse_args(["--dataset", "imagenet"])
-    assert (a.backbone, a.sobel, a.lr, a.weight_decay, a.momentum, a.batch_size, a.num_clusters, a.pca_dim) == \
-        ("alexnet", True, 0.05, 1e-5, 0.9, 256, 10000, 256)
-    assert (a.kmeans_iters, a.kmeans_init, a.balance, a.reassign, a.halt_clustering) == (20, "random", "sampler", 1.0, None)
+    assert (a.backbone, a.sobel, a.lr, a.weight_decay, a.momentum, a.batch_size, a.num_clusters,
+            a.pca_dim) == ("alexnet", True, 0.05, 1e-5, 0.9, 256, 10000, 256)
+    assert (a.kmeans_iters, a.kmeans_init, a.balance, a.reassign,
+            a.halt_clustering) == (20, "random", "sampler", 1.0, None)
     assert deepcluster.parse_args(["--dataset", "imagefolder", "--k", "300"]).num_clusters == 300
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--dataset", "cifar11"], "unknown dataset 'cifar11'"),
-    (["--dataset", "fashion-mnist", "--pca-dim", "100"], "--pca-dim 100 is larger than the lenet5 features (84)"),
+    (["--dataset", "fashion-mnist", "--pca-dim", "100"],
+     "--pca-dim 100 is larger than the lenet5 features (84)"),
     (["--dataset", "cifar10", "--ia-seeds", "5", "--ia-pca", "64", "4096"], "--pca-dim 4096 is larger than"),
-    (["--dataset", "fashion-mnist", "--probe-layer", "relu3"], "--probe-layer relu3 does not exist in lenet5"),
-    (["--dataset", "cifar10", "--backbone", "resnet18", "--probe-layer", "relu5"], "does not exist in resnet18"),
+    (["--dataset", "fashion-mnist", "--probe-layer", "relu3"],
+     "--probe-layer relu3 does not exist in lenet5"),
+    (["--dataset", "cifar10", "--backbone", "resnet18", "--probe-layer", "relu5"],
+     "does not exist in resnet18"),
     (["--dataset", "cifar10", "--probe-layer", "fc7"], "--probe-layer fc7 does not exist"),
-    (["--dataset", "synthetic", "--halt-clustering", "0"], "argument --halt-clustering: '0' is not an integer >= 1"),
+    (["--dataset", "synthetic", "--halt-clustering", "0"],
+     "argument --halt-clustering: '0' is not an integer >= 1"),
     (["--dataset", "synthetic", "--reassign", "0"], "argument --reassign: '0' is not a positive number"),
-    (["--dataset", "synthetic", "--ia-seeds", "3", "--ia-k", "0"], "argument --ia-k: '0' is not an integer >= 1"),
+    (["--dataset", "synthetic", "--ia-seeds", "3", "--ia-k", "0"],
+     "argument --ia-k: '0' is not an integer >= 1"),
     (["--dataset", "synthetic", "--pca-dim", "-1"], "argument --pca-dim: '-1' is not an integer >= 0"),
     (["--dataset", "synthetic", "--probe-layer", "output", "--probe-avgpool"], "has no spatial dimensions"),
     (["--dataset", "synthetic", "--balance", "equal"], "invalid choice"),
@@ -257,12 +273,15 @@ BASE = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
 
 
 @pytest.mark.parametrize("flags,message", [
-    ([*BASE, "--num-clusters", "2001"], "--num-clusters 2001 is larger than synthetic (2000 training images)"),
+    ([*BASE, "--num-clusters", "2001"],
+     "--num-clusters 2001 is larger than synthetic (2000 training images)"),
     ([*BASE, "--ia-seeds", "2", "--ia-k", "10", "3000"], "--num-clusters 3000 is larger than synthetic"),
     ([*BASE, "--batch-size", "5000"], "--batch-size 5000 is larger than the images of one cycle"),
-    ([*BASE, "--reassign", "1e-9"], "--batch-size 64 is larger than the images of one cycle (--reassign 1e-09 x 2000) (0"),
+    ([*BASE, "--reassign", "1e-9"],
+     "--batch-size 64 is larger than the images of one cycle (--reassign 1e-09 x 2000) (0"),
     ([*BASE, "--probe-batch-size", "3000"], "--probe-batch-size 3000 is larger than synthetic's train split"),
-    (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"], "cifar10 (train split) not found"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"],
+     "cifar10 (train split) not found"),
     (["--resume", "{tmp}/nothing"], "cannot read args.json"),
 ])
 def test_runtime_user_errors_exit_2_and_create_no_run(flags, message, tmp_path, capsys):
@@ -280,7 +299,8 @@ def test_missing_test_split_is_found_before_the_cycles(tmp_path, capsys):
     """The probe's test split is loaded with the training data: a missing one stops the run at once."""
     data = common.load_dataset("synthetic", "train")
     torch.save({"images": data.images, "labels": data.labels}, tmp_path / "cifar10-train.pt")
-    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu",
+             "--out-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as info:
         common.run_main(lambda: deepcluster.main(flags))
     assert info.value.code == 2 and "cifar10 (test split) not found" in capsys.readouterr().err
@@ -303,14 +323,16 @@ def test_defaults_follow_the_papers_and_help_shows_the_row(capsys):
 def first_cycles(tmp_path_factory):
     """Two cycles of the synthetic row, the network DeepCluster starts from."""
     tmp = tmp_path_factory.mktemp("deepcluster")
-    result = run_script("deepcluster.py", [*BASE, "--out-dir", tmp / "run", "--cycles", "2", "--probe-epochs", "0"], tmp)
+    result = run_script("deepcluster.py", [*BASE, "--out-dir", tmp / "run", "--cycles", "2",
+                                           "--probe-epochs", "0"], tmp)
     assert result.returncode == 0, result.stderr[-2000:]
     return tmp
 
 
 def test_initial_alignment_is_the_first_clustering_of_each_seed(first_cycles):
     runs = first_cycles
-    result = run_script("deepcluster.py", [*BASE, "--out-dir", runs / "ia", "--ia-seeds", "3", "--ia-k", "10", "50"], runs)
+    result = run_script("deepcluster.py", [*BASE, "--out-dir", runs / "ia", "--ia-seeds", "3",
+                                           "--ia-k", "10", "50"], runs)
     assert result.returncode == 0, result.stderr[-2000:]
     final = read_json(runs / "ia" / "final.json")
     assert final["seeds"] == [0, 1, 2] and set(final["initial_alignment"]) == {"k10_pca32", "k50_pca32"}
@@ -326,15 +348,16 @@ def test_initial_alignment_is_the_first_clustering_of_each_seed(first_cycles):
 
 def test_halting_keeps_the_last_pseudo_labels(first_cycles):
     runs, run_dir = first_cycles, first_cycles / "halt"
-    result = run_script("deepcluster.py", [*BASE, "--out-dir", run_dir, "--cycles", "4", "--halt-clustering", "2",
-                                           "--probe-epochs", "0"], runs)
+    result = run_script("deepcluster.py", [*BASE, "--out-dir", run_dir, "--cycles", "4",
+                                           "--halt-clustering", "2", "--probe-epochs", "0"], runs)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics, full = read_metrics(run_dir), read_metrics(runs / "run")
     assert ["cluster_seconds" in m for m in metrics] == [True, True, False, False]
     assert all("loss" in m for m in metrics)
     timing = ("cluster_seconds", "images_per_s", "train_seconds")
     for before, same in zip(metrics[:2], full[:2]):  # halting changes nothing before it starts
-        assert {k: v for k, v in before.items() if k not in timing} == {k: v for k, v in same.items() if k not in timing}
+        assert ({k: v for k, v in before.items() if k not in timing}
+                == {k: v for k, v in same.items() if k not in timing})
     labels = torch.load(run_dir / "checkpoint.pt", weights_only=False)["objects"]["labels"]
     truth = common.load_dataset("synthetic", "train").labels
     assert common.nmi(labels, truth) == metrics[1]["nmi_gt"] == read_json(run_dir / "final.json")["nmi_gt"]

@@ -4,8 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -83,7 +81,8 @@ def test_sne_labels_find_two_separated_groups():
 def test_mixed_pair_targets_against_a_loop():
     torch.manual_seed(2)
     s = (torch.rand(8, 8) > 0.5).float()
-    mix = {"weights": torch.tensor([0.5, 0.3, 0.2]), "perms": torch.stack([torch.randperm(8) for _ in range(3)])}
+    mix = {"weights": torch.tensor([0.5, 0.3, 0.2]),
+           "perms": torch.stack([torch.randperm(8) for _ in range(3)])}
     out, official = lsdc.mixed_pair_targets(s, mix), lsdc.mixed_pair_targets(s, mix, "official-code")
     for i in range(8):
         for j in range(8):
@@ -112,9 +111,11 @@ def test_mixed_targets_match_the_content_of_the_mixed_images(mixer):
             mixed, mix = common.mixup(x, 0.3)
         content = mixed.mean((2, 3))  # (n, classes) proportions inside each mixed image
         assert torch.allclose(lsdc.mixed_pair_targets(s, mix), onehot @ content.T, atol=1e-5)
-        if any(w > 0 and not torch.equal(perm, torch.arange(n)) for w, perm in zip(mix["weights"], mix["perms"])):
+        if any(w > 0 and not torch.equal(perm, torch.arange(n))
+               for w, perm in zip(mix["weights"], mix["perms"])):
             # the released code's variant permutes the clean axis: it does not match the content
-            assert not torch.allclose(lsdc.mixed_pair_targets(s, mix, "official-code"), onehot @ content.T, atol=1e-5)
+            assert not torch.allclose(lsdc.mixed_pair_targets(s, mix, "official-code"), onehot @ content.T,
+                                      atol=1e-5)
 
 
 def test_pair_label_quality_counts_off_diagonal_pairs():
@@ -143,7 +144,8 @@ def test_test_split_scores_are_sliced_from_train_plus_test():
     sliced = lsdc.evaluate(model, everything, test, prepare, args)
     args.split = "train"
     separate = lsdc.evaluate(model, train, test, prepare, args)
-    for key in ("acc", "nmi", "ari", "confident_acc", "confident_share", "median_confidence", "smallest_cluster"):
+    for key in ("acc", "nmi", "ari", "confident_acc", "confident_share", "median_confidence",
+                "smallest_cluster"):
         assert sliced[f"test_{key}"] == pytest.approx(separate[f"test_{key}"], abs=1e-6), key
     assert np.array_equal(sliced["test_confusion"], separate["test_confusion"])
     logits, _ = common.extract_features(model, everything, prepare)
@@ -198,7 +200,8 @@ def test_freeze_blocks_leaves_layer4_and_head_trainable():
     backbone = common.build_backbone("resnet18", shortcut="pad", width=8)
     model = lsdc.LSDCNet(backbone, 10)
     lsdc.freeze_blocks(backbone, 3)
-    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone")}
+    trainable = {n.split(".")[1] for n, p in model.named_parameters()
+                 if p.requires_grad and n.startswith("backbone")}
     assert trainable == {"layer4"} and all(p.requires_grad for p in model.head.parameters())
     logits, z = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert len(logits) == 2 and logits[0].shape == (4, 10) and z.shape == (4, 64)
@@ -209,7 +212,8 @@ def test_freeze_blocks_leaves_layer4_and_head_trainable():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,message", [
     (["--dataset", "stl10", "--labeling", "cosine"], "--labeling cosine needs --cosine-threshold"),
-    (["--dataset", "mnist", "--labeling", "sne"], "--labeling sne needs --sne-threshold and --sne-temperature"),
+    (["--dataset", "mnist", "--labeling", "sne"],
+     "--labeling sne needs --sne-threshold and --sne-temperature"),
     (["--dataset", "cifar10-lt"], "--labeling knn needs --knn-k: Table 1 gives no value for cifar10-lt"),
     (["--dataset", "cifar10", "--knn-k", "300"], "--knn-k 300 is larger than the batch"),
     (["--dataset", "synthetic", "--knn-k", "0"], "argument --knn-k: '0' is not an integer >= 1"),
@@ -217,7 +221,8 @@ def test_freeze_blocks_leaves_layer4_and_head_trainable():
     (["--dataset", "reuters10k", "--mix", "ricap"], "reuters10k is vector data"),
     (["--dataset", "cifar10", "--frozen-blocks", "7"], "invalid choice"),
     (["--dataset", "synthetic", "--epochs", "0"], "argument --epochs: '0' is not an integer >= 1"),
-    (["--dataset", "synthetic", "--rotnet-epochs", "-1"], "argument --rotnet-epochs: '-1' is not an integer >= 0"),
+    (["--dataset", "synthetic", "--rotnet-epochs", "-1"],
+     "argument --rotnet-epochs: '-1' is not an integer >= 0"),
     (["--dataset", "synthetic", "--mix-beta", "0"], "argument --mix-beta: '0' is not a positive number"),
     (["--dataset", "synthetic", "--crop-padding", "-1"], "argument --crop-padding"),
     (["--dataset", "synthetic", "--split", "unlabeled"], "synthetic has no split 'unlabeled'"),
@@ -251,15 +256,20 @@ def write_weights(path, width):
 
 @pytest.mark.parametrize("flags,message", [
     (["--dataset", "reuters10k", "--reuters-file", "{tmp}/nope.npy"], "nope.npy not found"),
-    (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"], "cifar10 (train split) not found"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"],
+     "cifar10 (train split) not found"),
     ([*BASE, "--batch-size", "4000"], "--batch-size 4000 is larger than synthetic (2500 samples)"),
-    ([*TINY, "--rotnet-epochs", "1", "--rotnet-batch-size", "5000"], "--rotnet-batch-size 5000 is larger than"),
+    ([*TINY, "--rotnet-epochs", "1", "--rotnet-batch-size", "5000"],
+     "--rotnet-batch-size 5000 is larger than"),
     ([*TINY, "--num-clusters", "3000"], "--num-clusters 3000 is larger than synthetic (500 samples)"),
-    ([*TINY, "--rotnet-checkpoint", "{tmp}/missing.pt"], "--rotnet-checkpoint {tmp}/missing.pt: no such file"),
+    ([*TINY, "--rotnet-checkpoint", "{tmp}/missing.pt"],
+     "--rotnet-checkpoint {tmp}/missing.pt: no such file"),
     ([*TINY, "--rotnet-checkpoint", "{tmp}/text.pt"], "{tmp}/text.pt is not a weights file"),
     ([*TINY, "--rotnet-checkpoint", "{tmp}/tensor.pt"], "{tmp}/tensor.pt holds a Tensor, not a state dict"),
-    ([*TINY, "--rotnet-checkpoint", "{tmp}/width8.pt"], "does not hold weights of a resnet18 of width 2: conv1.weight"),
-    ([*TINY, "--rotnet-dir", "{tmp}/text.pt/rotnet"], "--rotnet-dir {tmp}/text.pt/rotnet: cannot write there"),
+    ([*TINY, "--rotnet-checkpoint", "{tmp}/width8.pt"],
+     "does not hold weights of a resnet18 of width 2: conv1.weight"),
+    ([*TINY, "--rotnet-dir", "{tmp}/text.pt/rotnet"],
+     "--rotnet-dir {tmp}/text.pt/rotnet: cannot write there"),
     ([*TINY, "--out-dir", "{tmp}/text.pt/run"], "cannot create the run directory {tmp}/text.pt/run"),
     (["--resume", "{tmp}/nothing"], "cannot read args.json"),
 ])
@@ -288,7 +298,8 @@ def test_rotnet_cache_name_follows_the_pretraining_recipe_and_the_data(tmp_path)
         assert path(*flags) != path(), flags
     # the same dataset name on other images (another image folder, another seed of the generator)
     assert path(data=common.load_dataset("synthetic", "train", seed=1)) != path()
-    relabelled = common.TensorImages("synthetic", train.images, train.labels.flip(0), 10, train.mean, train.std)
+    relabelled = common.TensorImages("synthetic", train.images, train.labels.flip(0), 10,
+                                     train.mean, train.std)
     assert path(data=relabelled) != path()
 
 
@@ -298,7 +309,8 @@ def test_zero_rotnet_epochs_keeps_the_random_initialisation(tmp_path):
     lsdc.main(flags)
     saved = torch.load(read_json(tmp_path / "run" / "final.json")["rotnet_checkpoint"], weights_only=True)
     common.seed_everything(0)  # the seed lsdc.main starts from, before it builds the backbone
-    fresh = common.build_backbone("resnet18", 3, shortcut="pad", width=lsdc.PAPER_DEFAULTS["synthetic"]["width"])
+    fresh = common.build_backbone("resnet18", 3, shortcut="pad",
+                                  width=lsdc.PAPER_DEFAULTS["synthetic"]["width"])
     assert saved.keys() == fresh.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no epoch was trained
@@ -309,7 +321,8 @@ def quick_run(tmp_path_factory):
     """A short run (RotNet 1 epoch, LSD-C 2) for the diagnostic scripts of benchmarks/."""
     tmp = tmp_path_factory.mktemp("lsdc")
     result = run_script("lsdc.py", [*BASE, "--width", "4", "--rotnet-epochs", "1", "--rotnet-milestones",
-                                    "--epochs", "2", "--out-dir", tmp / "run", "--rotnet-dir", tmp / "rotnet"], tmp)
+                                    "--epochs", "2", "--out-dir", tmp / "run",
+                                    "--rotnet-dir", tmp / "rotnet"], tmp)
     assert result.returncode == 0, result.stderr[-2000:]
     return tmp
 
@@ -343,7 +356,8 @@ def test_confidence_script_evaluates_the_run_as_lsdc_does(quick_run):
     assert report["samples"] == 2500 and report["epoch"] == 1
     assert report["share_above"]["0.9"] == pytest.approx(final["confident_share"], abs=1e-6)
     assert report["max_probability_quantiles"]["0.5"] == pytest.approx(final["median_confidence"], abs=1e-6)
-    quantiles, shares = list(report["max_probability_quantiles"].values()), list(report["share_above"].values())
+    quantiles, shares = (list(report["max_probability_quantiles"].values()),
+                         list(report["share_above"].values()))
     assert quantiles == sorted(quantiles) and shares == sorted(shares, reverse=True)
     scaled = report["share_above_0.9_logits_scaled"]
     assert scaled["0.9"] <= report["share_above"]["0.9"] <= scaled["1.1"] <= scaled["1.2"]
@@ -375,7 +389,8 @@ def test_real_mnist_runs_through_the_one_channel_28_pixel_path(tmp_path):
         pytest.skip(f"MNIST/raw is not in {os.environ['DATA_DIR']}")
     shutil.copytree(raw, tmp_path / "MNIST" / "raw")  # torchvision unpacks beside the files it reads
     torch.manual_seed(0)
-    torch.save(common.build_backbone("resnet18", 1, shortcut="pad", width=8).state_dict(), tmp_path / "random.pt")
+    torch.save(common.build_backbone("resnet18", 1, shortcut="pad", width=8).state_dict(),
+               tmp_path / "random.pt")
     result = run_script("lsdc.py", ["--dataset", "mnist", "--data-dir", str(tmp_path), "--device", "cpu",
                                     "--width", "8", "--rotnet-checkpoint", str(tmp_path / "random.pt"),
                                     "--kmeans-baseline", "--out-dir", str(tmp_path / "run")], tmp_path)
@@ -384,7 +399,8 @@ def test_real_mnist_runs_through_the_one_channel_28_pixel_path(tmp_path):
     class_sizes = [5923 + 980, 6742 + 1135, 5958 + 1032, 6131 + 1010, 5842 + 982,
                    5421 + 892, 5918 + 958, 6265 + 1028, 5851 + 974, 5949 + 1009]
     assert np.array(final["confusion"]).sum(0).tolist() == class_sizes
-    assert final["acc"] > max(class_sizes) / 70000  # above one-cluster-for-all, nothing more from random features
+    # above one-cluster-for-all, nothing more from random features
+    assert final["acc"] > max(class_sizes) / 70000
 
 
 def test_rotation_accuracy_with_an_evaluation_batch_smaller_than_four():
