@@ -49,10 +49,11 @@ EXIT_STOPPED = 3
 
 
 class Stopped(Abort):
-    """The run stopped cleanly with a checkpoint (time limit or a scheduler's signal): exit code 3."""
+    """The run stopped on purpose, with nothing lost: a time limit or a scheduler's signal (exit code
+    3, resumable), or nothing left to do (exit code 0)."""
 
-    def __init__(self, message):
-        super().__init__(message, EXIT_STOPPED)
+    def __init__(self, message, exit_code=EXIT_STOPPED):
+        super().__init__(message, exit_code)
 
 
 def run_main(main):
@@ -1163,12 +1164,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _checked(cast, test, what):
-    """An argparse type: `cast` the text, then refuse values for which `test` is false."""
+    """An argparse type: `cast` the text, then refuse values for which `test` is false (and
+    integers beyond 2^31, which no count or size here can reach)."""
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, int) and abs(value) >= 2 ** 31:
+            raise argparse.ArgumentTypeError(f"{text!r} is too large")
         if not test(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
@@ -1181,7 +1185,10 @@ non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
 non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-seed_int = _checked(int, lambda v: 0 <= v < 2 ** 32, "a seed in [0, 2^32)")  # numpy's seed range
+open_fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+decay_factor = _checked(float, lambda v: 0 < v <= 1, "a factor in (0, 1]")
+cosine = _checked(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
+seed_int = _checked(int, lambda v: v >= 0, "a seed >= 0")
 device_name = _checked(str, lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None,
                        "a device: cpu, cuda or cuda:N")
 
@@ -1455,12 +1462,13 @@ class Run:
 
     FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "final.json")
     active = None  # the run of this process, for the Ctrl-C message
+    _named_out_dir = False
 
     def __init__(self, method, args):
         self.main, self.args, self.script = rank() == 0, args, f"{method}.py"
         self.state, self.stage, self.objects, self.writer = None, None, {}, None
         self.resume_step = self.resume_meter = self.stop_signal = None
-        self.lr_flag, self.path, error = "lr", None, None
+        self.lr_flag, self.path, self._changes_saved, error = "lr", None, False, None
         if self.main:
             try:
                 self.path = self._reopen(args) if args.resume else self._claim(method, args)
@@ -1473,7 +1481,20 @@ class Run:
         if error:
             raise Abort(error)
         if args.resume:
-            self.state = torch.load(self.file("checkpoint.pt"), map_location="cpu", weights_only=False)
+            if not args.resume_changes and os.path.exists(self.file("final.json")):
+                raise Stopped(f"the run in {self.path} has finished (final.json); to extend it, resume it "
+                              "with a longer schedule (the flags named at the end of --help)", exit_code=0)
+            try:
+                self.state = torch.load(self.file("checkpoint.pt"), map_location="cpu", weights_only=False)
+                assert isinstance(self.state, dict)
+                assert {"stage", "epoch", "objects", "rng"} <= self.state.keys()
+            except Exception as error:
+                raise Abort(f"--resume {self.path}: checkpoint.pt is damaged or not a checkpoint of this "
+                            f"project ({type(error).__name__}); the run cannot continue from it") from None
+            if args.resume_changes and self.main:
+                changed = ", ".join(f"--{k.replace('_', '-')} {new}"
+                                    for k, (_, new) in args.resume_changes.items())
+                print(f"resuming with {changed} (kept in args.json from the next checkpoint on)", flush=True)
             if self.main:
                 self._repair_metrics()
         self.has_checkpoint = self.state is not None
@@ -1490,6 +1511,7 @@ class Run:
 
     # -- the directory ---------------------------------------------------------------------------
     def _claim(self, method, args):
+        Run._named_out_dir = bool(args.out_dir)
         if args.out_dir:
             return self._claim_one(args.out_dir, args)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -1503,41 +1525,47 @@ class Run:
         raise Abort(f"could not claim a run directory next to {base}; pass --out-dir")
 
     def _claim_one(self, path, args):
+        """Claim `path` for a new run: the lock first (a live run holds it), then the check that no
+        run file is there. A start that failed before its first checkpoint left only args.json: that
+        folder is free again."""
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise Abort(f"--out-dir {path} is a file, not a folder; choose another --out-dir")
         try:
             os.makedirs(path, exist_ok=True)
-            if any(os.path.exists(os.path.join(path, f)) for f in self.FILES):
-                raise FileExistsError
-            fd = os.open(os.path.join(path, "args.json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if args.out_dir:
-                raise Abort(f"{path} already holds a run; continue it with --resume {path} or choose "
-                            "another --out-dir") from None
+            self._lock(path, claim=True)
+        except FileExistsError:  # a default-named folder taken by a live run: the next name is tried
             raise
         except OSError as error:
             raise Abort(f"cannot create the run directory {path} ({error.strerror}); choose another "
                         "--out-dir") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(vars(args), f, indent=2)
-        self._lock(path)
+        if any(os.path.exists(os.path.join(path, f)) for f in self.FILES if f != "args.json"):
+            self.close()
+            if args.out_dir:
+                raise Abort(f"{path} already holds a run; continue it with --resume {path} or choose "
+                            "another --out-dir")
+            raise FileExistsError
+        atomic_write_json(vars(args), os.path.join(path, "args.json"))
         return path
 
     def _reopen(self, args):
         path = args.resume
         if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
             raise Abort(f"--resume {path}: no checkpoint.pt there (the run stopped before its first "
-                        "checkpoint, or it has none to resume: start it again)")
+                        f"checkpoint: start it again, with --out-dir {path} if you like)")
         self._lock(path)
-        if args.resume_changes:
-            atomic_write_json({k: v for k, v in vars(args).items() if k != "resume_changes"},
-                              os.path.join(path, "args.json"))
         _remove_stale_temporaries(os.path.join(path, "checkpoint.pt"))
         return path
 
-    def _lock(self, path):
+    def _lock(self, path, claim=False):
+        """Hold path/.lock for the life of the process (released when it ends, even by kill -9)."""
         self._lock_file = open(os.path.join(path, ".lock"), "a")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            if claim and not Run._named_out_dir:
+                raise FileExistsError from None
             raise Abort(f"another process is running the run in {path}; wait for it to end") from None
 
     @staticmethod
@@ -1613,7 +1641,13 @@ class Run:
             return 0
         state, self.state = self.state, None
         for name, obj in objects.items():
-            _load_object(obj, state["objects"][name])
+            try:
+                _load_object(obj, state["objects"][name])
+            except (KeyError, RuntimeError, ValueError) as error:
+                text = str(error).strip()
+                first = text.splitlines()[-1][:160] if text else type(error).__name__
+                raise Abort(f"--resume {self.path}: the checkpoint's {name} does not fit this run's settings "
+                            f"({first}); was args.json edited?") from None
         old, new = self.args.resume_changes.get(lr_flag, (None, None))
         if old:
             _scale_learning_rate(objects, new / old)
@@ -1640,6 +1674,11 @@ class Run:
         if dist.is_initialized():
             rngs = [None] * world_size()
             dist.all_gather_object(rngs, rng_state())
+        if self.main and self.args.resume and self.args.resume_changes and not self._changes_saved:
+            # the settings a resumed run changed are kept once it has made progress with them
+            atomic_write_json({k: v for k, v in vars(self.args).items() if k != "resume_changes"},
+                              self.file("args.json"))
+            self._changes_saved = True
         if self.main:
             objects = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.objects.items()}
             atomic_save({"stage": self.stage, "epoch": epoch, "step": step, "objects": objects, "rng": rngs,
@@ -1711,8 +1750,10 @@ class Run:
             return (f"{what}{where}: training diverged; the last good checkpoint is kept in {self.path}: "
                     f"continue with a lower learning rate: python {self.script} --resume {self.path} "
                     f"{flag} LR")
+        on_gpu = self.args.device != "cpu" and torch.cuda.is_available()
+        amp = " (or --no-amp)" if self.args.amp and on_gpu else ""
         return (f"{what}{where}: training diverged before any checkpoint was written; start again "
-                f"with a lower {flag} (or --no-amp)")
+                f"with a lower {flag}{amp}")
 
     # -- logging ---------------------------------------------------------------------------------
     def print(self, message):

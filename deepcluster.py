@@ -70,7 +70,7 @@ PAPER_DEFAULTS["imagefolder"] = PAPER_DEFAULTS["imagenet"]
 SHARED_DEFAULTS = dict(kmeans_iters=20, kmeans_init="random", balance="sampler", reassign=1.0, flip=True,
                        random_resized_crop=False, width=64, probe_lr=0.01, probe_momentum=0.9,
                        probe_weight_decay=1e-4, probe_batch_size=256)
-# common.build_backbone's
+# common.build_backbone's feature sizes; the CIFAR ResNet-18's is 8 x its --width
 FEATURE_DIMS = {"alexnet": 4096, "alexnet-small": 2048, "lenet5": 84, "resnet18": None}
 CONV_LAYERS = {"alexnet": 5, "alexnet-small": 5, "lenet5": 2, "resnet18": 0}
 # eval_linear.py's RegLog: AvgPool2d(kernel, stride, padding) that brings AlexNet conv n to ~9k features
@@ -488,9 +488,12 @@ def eval_linear_probe(model, train, test, augment, prepare, args, device):
     in eval mode (BatchNorm frozen), SGD with momentum, lr_t = lr0 / sqrt(1 + lr0 wd t) at step t.
     Returns the last epoch's training loss and accuracy, and the test accuracy."""
     model.eval()
-    frozen = lambda x: probe_features(model, x, args.probe_layer, args.probe_avgpool).float()  # noqa: E731
+
+    def frozen(x):
+        return probe_features(model, x, args.probe_layer, args.probe_avgpool).float()
+
     _, images, _ = next(test.batches(torch.arange(2), 2))
-    with torch.no_grad():
+    with torch.no_grad():  # the probed layer's width, read off two test images
         dim = frozen(prepare(images)).shape[1]
     reglog = nn.Linear(dim, train.num_classes).to(device)
     optimizer = torch.optim.SGD(reglog.parameters(), lr=args.probe_lr, momentum=args.probe_momentum,
@@ -522,9 +525,11 @@ def eval_linear_probe(model, train, test, augment, prepare, args, device):
 # Training
 # ================================================================================================
 def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, labels):
-    """One cycle's training on the pseudo-labels: cross-entropy of the head, body and head updated,
-    images drawn by `cycle_order` (uniformly over the clusters by default). Returns the meter of
-    losses and the number of images trained on."""
+    """One cycle's training on the pseudo-labels (an "epoch" of the common loop is a cycle): Caron et
+    al.'s Eq. 1, min over theta and W of 1/N sum_n l(g_W(f_theta(x_n)), y_n), with l the cross-entropy,
+    g_W the fresh head and y_n the cluster ids, body and head updated; images drawn by `cycle_order`
+    (uniformly over the clusters by default). Returns the meter of losses and the number of images
+    trained on."""
     k = args.num_clusters
     weights = (1.0 / torch.bincount(labels, minlength=k).clamp(min=1).float()
                if args.balance == "weight" else None)
@@ -549,9 +554,10 @@ def evaluate(raw_model, data, labels, probe_train, probe_test, augment, prepare,
     """NMI of the last pseudo-labels with the ground truth, and the linear probe's accuracies."""
     result = assignment_nmis(labels, None, data.labels) if bool((labels >= 0).all()) else {}
     if args.probe_epochs:
-        probe_augment = prepare
-        if args.dataset in ("imagenet", "imagefolder"):  # eval_linear.py: random 224 crop of 256, flip
-            probe_augment = lambda u8: prepare(common.horizontal_flip(common.random_crop(u8, 224)))  # noqa: E731
+        def probe_augment(u8):  # eval_linear.py on ImageNet: a random 224 crop of 256, flip; else none
+            if args.dataset in ("imagenet", "imagefolder"):
+                u8 = common.horizontal_flip(common.random_crop(u8, 224))
+            return prepare(u8)
         result.update(eval_linear_probe(raw_model, probe_train, probe_test, probe_augment, prepare, args,
                                         device))
     return result

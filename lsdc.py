@@ -127,8 +127,9 @@ def parse_args(argv=None):
                    help="pairwise pseudo-labels from the features (Sec. 3.1 of the paper)")
     g.add_argument("--knn-k", type=common.positive_int,
                    help="kNN labeling: neighbours per row or column, self included (Table 1)")
-    g.add_argument("--cosine-threshold", type=float, help="cosine labeling: tau (Table 1)")
-    g.add_argument("--sne-threshold", type=common.positive_float, help="SNE labeling: tau (Table 1)")
+    g.add_argument("--cosine-threshold", type=common.cosine, help="cosine labeling: tau (Table 1)")
+    g.add_argument("--sne-threshold", type=common.open_fraction,
+                   help="SNE labeling: tau, on affinities of at most 1 (Table 1)")
     g.add_argument("--sne-temperature", type=common.positive_float,
                    help="SNE labeling: temperature T (Table 1)")
     g.add_argument("--optimizer", choices=["sgd", "adam"], help="optimizer type (Table 1)")
@@ -136,7 +137,7 @@ def parse_args(argv=None):
     g.add_argument("--milestones", type=common.non_negative_int, nargs="*",
                    help="epochs at which the lr is multiplied by --lr-gamma (Table 1's LR steps)")
     g.add_argument("--lr", type=common.positive_float, help="initial learning rate (Table 1)")
-    g.add_argument("--lr-gamma", type=common.positive_float,
+    g.add_argument("--lr-gamma", type=common.decay_factor,
                    help="lr factor at each milestone (official code)")
     g.add_argument("--momentum", type=common.fraction, help="SGD momentum (official code)")
     g.add_argument("--weight-decay", type=common.non_negative_float,
@@ -176,7 +177,7 @@ def parse_args(argv=None):
     g.add_argument("--rotnet-milestones", type=common.non_negative_int, nargs="*",
                    help="epochs at which the RotNet lr is multiplied by --rotnet-gamma")
     g.add_argument("--rotnet-lr", type=common.positive_float, help="SGD Nesterov learning rate")
-    g.add_argument("--rotnet-gamma", type=common.positive_float, help="lr factor at each milestone")
+    g.add_argument("--rotnet-gamma", type=common.decay_factor, help="lr factor at each milestone")
     g.add_argument("--rotnet-batch-size", type=common.positive_int,
                    help="images per batch, each in 4 rotations")
     g.add_argument("--rotnet-weight-decay", type=common.non_negative_float, help="weight decay")
@@ -304,7 +305,7 @@ def pair_label_quality(s, labels):
 # ================================================================================================
 def mixed_pair_targets(s, mix, axis="paper"):
     """Targets for P_ij = <p_i, p'_j> where the mixed image j holds images perm_k(j) in proportions
-    W_k: s~_ij = sum_k W_k s_{i, perm_k(j)}, the permutation acting on the mixed (column) axis.
+    W_k: s~_ij = sum_k W_k s_{i, perm_k(j)} (Sec. 3.2), the permutation acting on the mixed axis.
     axis="official-code" permutes the rows instead, as the released code does."""
     if mix is None:
         return s
@@ -425,8 +426,9 @@ def load_rotnet_weights(backbone, path, args):
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise common.Abort(f"{path} is not a weights file ({type(error).__name__}); pass a state dict "
-                           "saved by lsdc.py's RotNet stage") from None
+        raise common.Abort(f"{path} is not a weights file ({type(error).__name__}); pass the RotNet "
+                           "weights lsdc.py keeps in --rotnet-dir (runs/rotnet/), not a run's checkpoint.pt"
+                           ) from None
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise common.Abort(f"{path} holds a {type(weights).__name__}, not a state dict of network weights")
     expected = backbone.state_dict()
@@ -502,7 +504,9 @@ def rotation_accuracy(net, data, prepare, args, device):
 # Stage: k-means on the RotNet features (Table 2 of the supplementary, first column)
 # ================================================================================================
 def kmeans(x, k, iters=100, restarts=10):
-    """Plain Lloyd k-means (random initial centres, `restarts` tries, lowest inertia kept)."""
+    """Plain Lloyd k-means (random initial centres, `restarts` tries, lowest inertia kept), the
+    off-the-shelf k-means of the paper's baseline; deepcluster.py has its own, faiss-like one (a
+    method file never imports another)."""
     best, best_inertia = None, float("inf")
     for _ in range(restarts):
         centres = x[torch.randperm(len(x), device=x.device)[:k]].clone()
@@ -536,7 +540,8 @@ def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device):
     for _, images, labels in run.batches(data, args.batch_size, epoch, meter):
         x1, x2, x3 = augment(images), augment(images), augment(images)
         mix = None
-        if args.mix == "ricap":  # two mixed views: same boundary and permutations, new crop positions
+        if args.mix == "ricap":  # two mixed views: same boundary and permutations, new crop positions;
+            # a patch larger than a quarter of the image keeps its own image (official code)
             x2, mix = common.ricap(x2, args.mix_beta, identity_above=0.25)
             x3, _ = common.ricap(x3, mix=mix)
         elif args.mix == "mixup":
@@ -577,12 +582,13 @@ def score(logits, labels, num_clusters, num_classes):
 
 @torch.no_grad()
 def evaluate(model, data, test_data, prepare, args):
-    """Scores on the clustered data and, under "test_" keys, on the test split. With --split all the
+    """Scores on the clustered data and, under "test_" keys, on the test split (when the data is not
+    the test split itself). With --split all the
     test split is the tail of the data (train + test): its predictions are sliced off, not recomputed
     (BatchNorm in eval mode makes each prediction independent of the rest of its batch)."""
     logits, labels = common.extract_features(model, data, prepare, args.eval_batch_size, args.amp)
     metrics = score(logits, labels, args.num_clusters, data.num_classes)
-    if test_data is not None:
+    if test_data is not None and args.split != "test":  # with --split test they are the scores above
         if args.split == "all":
             test_logits, test_labels = logits[-len(test_data):], labels[-len(test_data):]
         else:
@@ -628,9 +634,10 @@ def main(argv=None):
         return kmeans_baseline(backbone, data, prepare, args, run)
 
     # --- resume
-    common.seed_everything(args.seed + 1 + common.rank(), args.deterministic)  # LSD-C's result
-    raw_model = LSDCNet(backbone, args.num_clusters, args.head).to(device)  # depends on the RotNet
-    freeze_blocks(backbone, args.frozen_blocks)                             # and the seed only
+    # re-seeded so that LSD-C's result depends on the RotNet weights and the seed only
+    common.seed_everything(args.seed + 1 + common.rank(), args.deterministic)
+    raw_model = LSDCNet(backbone, args.num_clusters, args.head).to(device)
+    freeze_blocks(backbone, args.frozen_blocks)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
@@ -657,7 +664,7 @@ def main(argv=None):
     result = evaluate(raw_model, data, test_data, prepare, args)
     result = {k: v.tolist() if "confusion" in k else v for k, v in result.items()}
     run.finish({**result, "epochs": args.epochs})
-    test = f" | test: {common.format_scores(result, 'test_')}" if test_data is not None else ""
+    test = f" | test: {common.format_scores(result, 'test_')}" if "test_acc" in result else ""
     run.print(f"final ({args.split}): {common.format_scores(result)} | median max probability "
               f"{result['median_confidence']:.3f}{test}")
 

@@ -281,9 +281,14 @@ def main(argv=None):
     plt = pyplot()
     fig = args.draw(plt, args)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=args.dpi)
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        fig.savefig(args.out, dpi=args.dpi)
+    except OSError as error:
+        raise common.Abort(f"-o {args.out}: cannot write the figure there ({error.strerror}); choose "
+                           "another path") from None
+    finally:
+        plt.close(fig)
     print(args.out)
 
 

@@ -7,9 +7,10 @@ wall-clock and hardware.
 
 SCRIPT is a method file of the repository (lsdc.py, deepcluster.py, ...); FLAGS go to it. The first
 call runs `SCRIPT FLAGS --out-dir DIR`. When DIR already holds a checkpoint, the same command
-resumes it instead (`SCRIPT --resume DIR`, with the settings saved at the start; only a
---time-limit among FLAGS is passed on), so a run longer than one session is finished by calling the
-same command again. The time limit is the script's own `--time-limit MIN`: when the script stops
+resumes it instead (`SCRIPT --resume DIR FLAGS`: the script's resume policy applies, so repeated
+flags change nothing, a longer schedule extends the run, and a flag that cannot change on resume is
+refused naming it), so a run longer than one session is finished by calling the same command
+again. The time limit is the script's own `--time-limit MIN`: when the script stops
 there (exit code 3, resumable) this prints how to continue and exits with 3. Each session's command,
 seconds and exit code are appended to DIR/sessions.json.
 
@@ -18,9 +19,10 @@ final.json (ACC, NMI, ARI, kNN and linear-probe accuracy, top-1, their test_ var
 Alignment), epochs and median training throughput per stage from metrics.jsonl (the log holds no
 per-epoch seconds), the wall-clock summed over sessions, the device, core count and torch version,
 and the command that started the run; it is printed as a row of a markdown results table. A
-finished run is summarised again without running anything.
+finished run whose settings FLAGS do not change is summarised again without running anything.
 """
 import glob
+import importlib
 import json
 import os
 import platform
@@ -51,7 +53,8 @@ def method_scripts():
 
 
 def parse_args(argv):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              usage="%(prog)s SCRIPT --run-dir DIR [-- FLAGS ...]")
     p.add_argument("script", metavar="SCRIPT", help="the method file to run: " + ", ".join(method_scripts()))
     p.add_argument("--run-dir", required=True, metavar="DIR",
                    help="the run directory (the script's --out-dir)")
@@ -68,14 +71,11 @@ def parse_args(argv):
     return p, args
 
 
-def time_limit_flags(flags):
-    """The --time-limit among `flags` (as given), passed on when the run is resumed."""
-    for i, flag in enumerate(flags):
-        if flag == "--time-limit":
-            return flags[i:i + 2]
-        if flag.startswith("--time-limit="):
-            return [flag]
-    return []
+def resume_changes(script, run_dir, flags):
+    """The saved settings that FLAGS would change on --resume, as the script itself decides (a flag
+    its resume policy refuses stops here with the script's one-line message, exit code 2)."""
+    module = importlib.import_module(script[:-3])
+    return module.parse_args(["--resume", run_dir, *flags]).resume_changes
 
 
 def run_session(command, run_dir):
@@ -176,13 +176,11 @@ def write_json(obj, path):
 def main(argv=None):
     p, args = parse_args(argv)
     run_dir, script = args.run_dir, os.path.join(ROOT, args.script)
-    if not os.path.exists(os.path.join(run_dir, "final.json")):
+    finished = os.path.exists(os.path.join(run_dir, "final.json"))
+    if not finished or resume_changes(args.script, run_dir, args.flags):
         if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            argv = [script, "--resume", run_dir, *time_limit_flags(args.flags)]
-        elif os.path.exists(os.path.join(run_dir, "args.json")):
-            p.error(f"{run_dir} holds a run that stopped before its first checkpoint; remove it or "
-                    "choose another --run-dir")
-        else:
+            argv = [script, "--resume", run_dir, *args.flags]
+        else:  # a new run, or one that stopped before its first checkpoint: started (again)
             argv = [script, *args.flags, "--out-dir", run_dir]
         code = run_session([sys.executable, *argv], run_dir)
         if code == common.EXIT_STOPPED:

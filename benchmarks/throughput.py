@@ -158,7 +158,7 @@ def setup_lsdc(args, data, device):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.lr_gamma)
     augment, _ = lsdc.make_transforms(args, data, device)
     objects = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler)
-    return raw_model, optimizer, augment, "lsdc", objects, {"log_pair_quality": True}, 3
+    return raw_model, optimizer, augment, "lsdc", objects, {}, 3
 
 
 def setup_deepcluster(args, data, device):

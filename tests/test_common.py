@@ -886,8 +886,10 @@ def test_a_learning_rate_lowered_on_resume_scales_the_schedule(tmp_path):
 
 def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
     first = common.Run("test", run_args(tmp_path))
-    with pytest.raises(common.Abort, match="already holds a run"):
+    with pytest.raises(common.Abort, match="another process is running the run"):
         common.Run("test", run_args(tmp_path))  # even before its first checkpoint
+    first.close()  # a start that ended before its first checkpoint leaves a folder free again
+    first = common.Run("test", run_args(tmp_path))
     for name in ("metrics.jsonl", "final.json", "checkpoint.pt"):  # any run file marks a run
         os.makedirs(tmp_path / name[:5])
         (tmp_path / name[:5] / name).write_text("{}")
@@ -897,6 +899,8 @@ def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(common.Abort, match="cannot create the run directory"):
         common.Run("test", run_args(tmp_path, "file/run"))
+    with pytest.raises(common.Abort, match="is a file, not a folder"):
+        common.Run("test", run_args(tmp_path, "file"))
     monkeypatch.chdir(tmp_path)
     default = [common.Run("test", run_args(tmp_path, None)).path for _ in range(3)]
     assert len(set(default)) == 3  # runs started in the same second get their own directories

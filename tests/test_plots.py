@@ -238,6 +238,12 @@ def test_a_user_mistake_is_one_line_without_traceback(tmp_path):
     result = run_plots("pass", ["confusion", str(tmp_path / "nowhere")], tmp_path)
     assert result.returncode == 2
     assert result.stderr == f"plots.py: error: {tmp_path / 'nowhere'}: no such run directory or file\n"
+    run = write_run(tmp_path / "run", metrics=LSDC_METRICS)
+    (tmp_path / "afile").write_text("x")
+    result = run_plots("pass", ["curves", run, "--keys", "loss", "-o", str(tmp_path / "afile" / "x.png")],
+                       tmp_path)
+    assert result.returncode == 2 and "cannot write the figure there" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 def test_the_method_files_never_import_matplotlib():

@@ -6,6 +6,7 @@ two processes under torchrun. Adding a method = a row of METHODS (+ its math in 
 import ast
 import hashlib
 import importlib
+import json
 import os
 import re
 import shutil
@@ -54,7 +55,8 @@ def deepcluster_learned(runs):
 # For each script: `quick(run)` a run of a few seconds with several epochs (and stages), its last
 # (stage, epoch), where a kill -9 interrupts it, flags that make its loss NaN in the first epoch, the
 # scheduler's signal it is stopped with (SIGTERM or SIGUSR1: both must work),
-# flags that may change on --resume (`extend`) and that may not (`frozen`), the extra runs beside
+# flags that may change on --resume (`extend`) and that may not (`frozen`), a setting that changes
+# the shape of the saved weights (`edit`, as a hand-edited args.json would), the extra runs beside
 # the demo and what the demo must reach.
 METHODS = {
     "lsdc.py": dict(
@@ -62,14 +64,14 @@ METHODS = {
                            "--epochs", "3", "--rotnet-epochs", "2", "--rotnet-milestones",
                            "--rotnet-batch-size", "100", "--rotnet-dir", f"{run}-rotnet", "--out-dir", run],
         last=("lsdc", 2), kill_at=("rotnet", 0), nan=["--rotnet-lr", "1e30"], stop=signal.SIGTERM,
-        extend=["--epochs", "4"], frozen=["--batch-size", "32"],
+        extend=["--epochs", "4"], frozen=["--batch-size", "32"], edit=("width", 8),
         demo=lambda run: [*SYNTHETIC, "--out-dir", run, "--rotnet-dir", f"{run}-rotnet"],
         extra_runs={"kmeans": ["--kmeans-baseline"]}, learned=lsdc_learned),
     "deepcluster.py": dict(
         quick=lambda run: [*SYNTHETIC, "--cycles", "3", "--num-clusters", "20", "--pca-dim", "16",
                            "--batch-size", "32", "--probe-epochs", "1", "--out-dir", run],
         last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGUSR1,
-        extend=["--cycles", "4"], frozen=["--num-clusters", "30"],
+        extend=["--cycles", "4"], frozen=["--num-clusters", "30"], edit=("num_clusters", 30),
         demo=lambda run: [*SYNTHETIC, "--out-dir", run],
         extra_runs={"untrained": ["--cycles", "0"]}, learned=deepcluster_learned),
 }
@@ -272,6 +274,25 @@ def test_resume_policy(script, reference, tmp_path):
     assert [(m["stage"], m["epoch"]) for m in lines][-2:] == [(stage, last), (stage, last + 1)]
     assert read_json(os.path.join(run, "args.json"))[method["extend"][0][2:]] == int(method["extend"][1])
 
+    finished = run_script(script, ["--resume", run], tmp_path)  # nothing to do: said, and nothing redone
+    assert finished.returncode == 0 and "has finished" in finished.stdout and finished.stderr == ""
+
+    saved_args = open(os.path.join(run, "args.json")).read()
+    checkpoint = open(os.path.join(run, "checkpoint.pt"), "rb").read()
+    with open(os.path.join(run, "checkpoint.pt"), "wb") as f:
+        f.write(checkpoint[:len(checkpoint) // 2])  # cut by a full disk
+    cut = run_script(script, ["--resume", run, *method["extend"]], tmp_path)
+    assert cut.returncode == 2 and one_line_error(cut.stderr) and "checkpoint.pt is damaged" in cut.stderr
+    assert open(os.path.join(run, "args.json")).read() == saved_args  # the failed resume changed nothing
+    with open(os.path.join(run, "checkpoint.pt"), "wb") as f:
+        f.write(checkpoint)
+    edited = read_json(os.path.join(run, "args.json"))
+    edited[method["edit"][0]] = method["edit"][1]  # a setting changed by hand: the weights no longer fit
+    with open(os.path.join(run, "args.json"), "w") as f:
+        json.dump(edited, f)
+    misfit = run_script(script, ["--resume", run, *method["extend"]], tmp_path)
+    assert misfit.returncode == 2 and one_line_error(misfit.stderr) and "does not fit" in misfit.stderr
+
     with open(os.path.join(run, "args.json"), "w") as f:
         f.write("{}")
     damaged = run_script(script, ["--resume", run], tmp_path)
@@ -311,12 +332,17 @@ def test_two_runs_started_together_in_one_directory(script, reference, tmp_path)
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_divergence_stops_with_one_line_and_writes_no_result(script, tmp_path):
+    """A NaN before the first checkpoint: exit 1, one line, no checkpoint or result; the folder is
+    free for the run started again as the message says."""
     run = str(tmp_path / "run")
     result = run_script(script, [*METHODS[script]["quick"](run), *METHODS[script]["nan"]], tmp_path)
     assert result.returncode == 1 and one_line_error(result.stderr), result.stderr[-3000:]
     assert "training diverged before any checkpoint was written" in result.stderr
+    assert "--no-amp" not in result.stderr  # bf16 is not used on the CPU
     assert (not os.path.exists(os.path.join(run, "final.json"))
             and not os.path.exists(os.path.join(run, "checkpoint.pt")))
+    again = run_script(script, METHODS[script]["quick"](run), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
