@@ -59,7 +59,7 @@ PAPER_DEFAULTS = {
     "imagenet": dict(backbone="alexnet", sobel=True, lr=0.05, weight_decay=1e-5, momentum=0.9,
                      batch_size=256, cycles=500, pca_dim=256, num_clusters=10000, probe_layer="relu3",
                      probe_epochs=90, probe_avgpool=True, random_resized_crop=True),
-    # Not in any paper: a CPU demo that learns in about a minute.
+    # Not in any paper: a CPU demo that learns in about 20 seconds.
     "synthetic": dict(backbone="lenet5", sobel=True, lr=0.1, weight_decay=1e-4, momentum=0.9,
                       batch_size=64, cycles=16, pca_dim=32, num_clusters=50, probe_layer="relu2",
                       probe_epochs=10, probe_avgpool=False),

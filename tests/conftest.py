@@ -50,6 +50,8 @@ def run_until(script, args, cwd, run_dir, stage, epoch, sig=signal.SIGKILL, time
     (stage, epoch), and return the exit code."""
     proc = start_script(script, args, cwd)
     wait_for_line(proc, run_dir, stage, epoch, timeout)
+    while proc.poll() is None and not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        time.sleep(0.01)  # the epoch's checkpoint follows its line
     if proc.poll() is None:
         proc.send_signal(sig)
     return proc.wait(timeout=timeout)

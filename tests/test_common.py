@@ -813,12 +813,12 @@ def run_args(tmp_path, name="r"):
     run directory)."""
     return argparse.Namespace(dataset="synthetic", seed=3, out_dir=name and str(tmp_path / name), resume=None,
                               time_limit=None, log_every=60.0, tensorboard=False, lr=0.1, epochs=5,
-                              resume_changes={})
+                              device="cpu", amp=True, resume_changes={})
 
 
 def resume_args(path, **changes):
     return argparse.Namespace(dataset="synthetic", seed=3, out_dir=None, resume=str(path), time_limit=None,
-                              log_every=60.0, tensorboard=False, lr=0.1, epochs=5,
+                              log_every=60.0, tensorboard=False, lr=0.1, epochs=5, device="cpu", amp=True,
                               resume_changes={k: (None, v) for k, v in changes.items()})
 
 
@@ -902,8 +902,8 @@ def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
     with pytest.raises(common.Abort, match="is a file, not a folder"):
         common.Run("test", run_args(tmp_path, "file"))
     monkeypatch.chdir(tmp_path)
-    default = [common.Run("test", run_args(tmp_path, None)).path for _ in range(3)]
-    assert len(set(default)) == 3  # runs started in the same second get their own directories
+    live = [common.Run("test", run_args(tmp_path, None)) for _ in range(3)]
+    assert len({run.path for run in live}) == 3  # runs started in the same second get their own directories
     first.save_checkpoint(0)
     with pytest.raises(common.Abort, match="another process is running the run"):
         common.Run("test", resume_args(first.path))  # the lock of a live run

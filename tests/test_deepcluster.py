@@ -319,7 +319,7 @@ def test_defaults_follow_the_papers_and_help_shows_the_row(capsys):
 # ------------------------------------------------------------------------------------------------
 # Initial Alignment and halting, end to end on synthetic data
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def first_cycles(tmp_path_factory):
     """Two cycles of the synthetic row, the network DeepCluster starts from."""
     tmp = tmp_path_factory.mktemp("deepcluster")
@@ -329,6 +329,7 @@ def first_cycles(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.xdist_group("deepcluster-first-cycles")
 def test_initial_alignment_is_the_first_clustering_of_each_seed(first_cycles):
     runs = first_cycles
     result = run_script("deepcluster.py", [*BASE, "--out-dir", runs / "ia", "--ia-seeds", "3",
@@ -346,6 +347,7 @@ def test_initial_alignment_is_the_first_clustering_of_each_seed(first_cycles):
     assert "IA k=50 pca=32 over 3 seeds: median" in result.stdout
 
 
+@pytest.mark.xdist_group("deepcluster-first-cycles")
 def test_halting_keeps_the_last_pseudo_labels(first_cycles):
     runs, run_dir = first_cycles, first_cycles / "halt"
     result = run_script("deepcluster.py", [*BASE, "--out-dir", run_dir, "--cycles", "4",

@@ -60,22 +60,28 @@ def deepcluster_learned(runs):
 # the demo and what the demo must reach.
 METHODS = {
     "lsdc.py": dict(
-        quick=lambda run: [*SYNTHETIC, "--split", "test", "--width", "4", "--batch-size", "50",
-                           "--epochs", "3", "--rotnet-epochs", "2", "--rotnet-milestones",
+        quick=lambda run: [*SYNTHETIC, "--split", "test", "--width", "2", "--batch-size", "50",
+                           "--epochs", "3", "--rotnet-epochs", "1", "--rotnet-milestones",
                            "--rotnet-batch-size", "100", "--rotnet-dir", f"{run}-rotnet", "--out-dir", run],
         last=("lsdc", 2), kill_at=("rotnet", 0), nan=["--rotnet-lr", "1e30"], stop=signal.SIGTERM,
         extend=["--epochs", "4"], frozen=["--batch-size", "32"], edit=("width", 8),
-        demo=lambda run: [*SYNTHETIC, "--out-dir", run, "--rotnet-dir", f"{run}-rotnet"],
-        extra_runs={"kmeans": ["--kmeans-baseline"]}, learned=lsdc_learned),
+        demo=lambda run: [*SYNTHETIC, "--out-dir", run,
+                          "--rotnet-dir", os.path.join(os.path.dirname(run), "rotnet")],
+        extra_runs={}, after_demo={"kmeans": ["--kmeans-baseline"]}, learned=lsdc_learned,
+        tiny=["--rotnet-epochs", "0", "--epochs", "1"], tiny_lines=[("lsdc", 0)]),
     "deepcluster.py": dict(
         quick=lambda run: [*SYNTHETIC, "--cycles", "3", "--num-clusters", "20", "--pca-dim", "16",
                            "--batch-size", "32", "--probe-epochs", "1", "--out-dir", run],
         last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGUSR1,
         extend=["--cycles", "4"], frozen=["--num-clusters", "30"], edit=("num_clusters", 30),
         demo=lambda run: [*SYNTHETIC, "--out-dir", run],
-        extra_runs={"untrained": ["--cycles", "0"]}, learned=deepcluster_learned),
+        extra_runs={"untrained": ["--cycles", "0"]}, after_demo={}, learned=deepcluster_learned,
+        tiny=["--cycles", "1", "--probe-epochs", "0"], tiny_lines=[("train", 0)]),
 }
 SCRIPTS = list(METHODS)
+# Under pytest-xdist (pytest.ini), the tests that share a run stay on one worker, whose session
+# fixture makes that run once.
+WITH_REFERENCE = [pytest.param(s, marks=pytest.mark.xdist_group(f"reference-{s}")) for s in SCRIPTS]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,46 +187,52 @@ def test_usage_error_of_the_command_is_one_line(script, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The synthetic demo learns
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demos(tmp_path_factory):
-    """`python <script> --dataset synthetic --device cpu` of every script, and its extra runs, all
-    started together (one thread each)."""
-    tmp = tmp_path_factory.mktemp("demos")
-    procs = {}
-    for script, method in METHODS.items():
-        for name, extra in {"demo": [], **method["extra_runs"]}.items():
-            run = str(tmp / f"{script}-{name}")
-            procs[script, name] = start_script(script, [*method["demo"](run), *extra], tmp,
-                                               f"{script}-{name}.log")
-    out = {}
-    for (script, name), proc in procs.items():
-        assert proc.wait(timeout=900) == 0, open(tmp / f"{script}-{name}.log").read()[-3000:]
-        run = tmp / f"{script}-{name}"
-        out.setdefault(script, {})[name] = (
-            read_metrics(run) if os.path.exists(run / "metrics.jsonl") else [],
-            read_json(run / "final.json"))
-    return out
+    """demos(script): `python <script> --dataset synthetic --device cpu` and its extra runs, started
+    together (one thread each), then the runs that reuse what the demo kept; their metric lines and
+    final.json by run name (made once, when a test first asks)."""
+    tmp, made = tmp_path_factory.mktemp("demos"), {}
+
+    def runs(script):
+        method = METHODS[script]
+        for wave in ({"demo": [], **method["extra_runs"]}, method["after_demo"]):
+            procs = {name: start_script(script, [*method["demo"](str(tmp / f"{script}-{name}")), *extra], tmp,
+                                        f"{script}-{name}.log") for name, extra in wave.items()}
+            for name, proc in procs.items():
+                assert proc.wait(timeout=900) == 0, open(tmp / f"{script}-{name}.log").read()[-3000:]
+                run = tmp / f"{script}-{name}"
+                made.setdefault(script, {})[name] = (
+                    read_metrics(run) if os.path.exists(run / "metrics.jsonl") else [],
+                    read_json(run / "final.json"))
+        return made[script]
+    return lambda script: made[script] if script in made else runs(script)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_synthetic_demo_learns(script, demos):
-    METHODS[script]["learned"](demos[script])
+    METHODS[script]["learned"](demos(script))
 
 
 # ------------------------------------------------------------------------------------------------
 # Runs: resume, stop on purpose, divergence, never overwrite
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """The quick run of every script, uninterrupted."""
-    tmp = tmp_path_factory.mktemp("reference")
-    procs = {s: start_script(s, m["quick"](str(tmp / s)), tmp, f"{s}.log") for s, m in METHODS.items()}
-    for script, proc in procs.items():
-        assert proc.wait(timeout=600) == 0, open(tmp / f"{script}.log").read()[-3000:]
-    return tmp
+    """reference(script): the run directory of the script's quick run, uninterrupted (made once, when
+    a test first asks for it)."""
+    tmp, made = tmp_path_factory.mktemp("reference"), set()
+
+    def run_dir(script):
+        if script not in made:
+            result = run_script(script, METHODS[script]["quick"](str(tmp / script)), tmp)
+            assert result.returncode == 0, result.stderr[-3000:]
+            made.add(script)
+        return tmp / script
+    return run_dir
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", WITH_REFERENCE)
 def test_killed_stopped_and_time_limited_runs_resume_to_the_uninterrupted_result(script, reference, tmp_path):
     """kill -9 after the first epoch; --resume, stopped by SIGTERM/SIGUSR1 inside an epoch (exit 3, the
     position inside the epoch kept); --resume under a time limit that one epoch exceeds (exit 3);
@@ -247,16 +259,16 @@ def test_killed_stopped_and_time_limited_runs_resume_to_the_uninterrupted_result
 
     done = run_script(script, ["--resume", run, "--time-limit", "1000"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert results(run) == results(reference / script)
+    assert results(run) == results(reference(script))
     assert not [f for f in os.listdir(run) if ".tmp" in f]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", WITH_REFERENCE)
 def test_resume_policy(script, reference, tmp_path):
     """Flags that change what is computed are refused on --resume (exit 2, named); extending the
     schedule of a finished run continues it; a damaged or foreign args.json is one line."""
     method, run = METHODS[script], str(tmp_path / "run")
-    shutil.copytree(reference / script, run)
+    shutil.copytree(reference(script), run)
     before = open(os.path.join(run, "final.json")).read()
     refused = run_script(script, ["--resume", run, *method["frozen"]], tmp_path)
     assert (refused.returncode == 2 and one_line_error(refused.stderr)
@@ -281,7 +293,8 @@ def test_resume_policy(script, reference, tmp_path):
     checkpoint = open(os.path.join(run, "checkpoint.pt"), "rb").read()
     with open(os.path.join(run, "checkpoint.pt"), "wb") as f:
         f.write(checkpoint[:len(checkpoint) // 2])  # cut by a full disk
-    cut = run_script(script, ["--resume", run, *method["extend"]], tmp_path)
+    longer = [method["extend"][0], str(int(method["extend"][1]) + 1)]  # a change: the checkpoint is read
+    cut = run_script(script, ["--resume", run, *longer], tmp_path)
     assert cut.returncode == 2 and one_line_error(cut.stderr) and "checkpoint.pt is damaged" in cut.stderr
     assert open(os.path.join(run, "args.json")).read() == saved_args  # the failed resume changed nothing
     with open(os.path.join(run, "checkpoint.pt"), "wb") as f:
@@ -290,7 +303,7 @@ def test_resume_policy(script, reference, tmp_path):
     edited[method["edit"][0]] = method["edit"][1]  # a setting changed by hand: the weights no longer fit
     with open(os.path.join(run, "args.json"), "w") as f:
         json.dump(edited, f)
-    misfit = run_script(script, ["--resume", run, *method["extend"]], tmp_path)
+    misfit = run_script(script, ["--resume", run, *longer], tmp_path)
     assert misfit.returncode == 2 and one_line_error(misfit.stderr) and "does not fit" in misfit.stderr
 
     with open(os.path.join(run, "args.json"), "w") as f:
@@ -299,12 +312,12 @@ def test_resume_policy(script, reference, tmp_path):
     assert damaged.returncode == 2 and one_line_error(damaged.stderr) and "args.json" in damaged.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", WITH_REFERENCE)
 def test_a_run_directory_is_never_overwritten(script, reference, tmp_path):
     """A folder holding any run file (a finished run, or a result without a checkpoint such as an
     Initial Alignment run) is refused as --out-dir, and nothing in it changes."""
     run = str(tmp_path / "run")
-    shutil.copytree(reference / script, run)
+    shutil.copytree(reference(script), run)
     only_result = tmp_path / "result"
     only_result.mkdir()
     (only_result / "final.json").write_text('{"acc": 0.5}')
@@ -321,13 +334,14 @@ def test_a_run_directory_is_never_overwritten(script, reference, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_two_runs_started_together_in_one_directory(script, reference, tmp_path):
+def test_two_runs_started_together_in_one_directory(script, tmp_path):
     """Exactly one of them runs; the other stops with exit code 2 and writes nothing there."""
-    run = str(tmp_path / "run")
-    procs = [start_script(script, METHODS[script]["quick"](run), tmp_path, f"{i}.log") for i in range(2)]
+    run, method = str(tmp_path / "run"), METHODS[script]
+    procs = [start_script(script, [*method["quick"](run), *method["tiny"]], tmp_path, f"{i}.log")
+             for i in range(2)]
     codes = sorted(p.wait(timeout=600) for p in procs)
     assert codes == [0, 2], [(tmp_path / f"{i}.log").read_text()[-2000:] for i in range(2)]
-    assert results(run) == results(reference / script)  # one run's lines only, whole
+    assert [(m["stage"], m["epoch"]) for m in read_metrics(run)] == method["tiny_lines"]  # one run's lines
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -341,7 +355,7 @@ def test_divergence_stops_with_one_line_and_writes_no_result(script, tmp_path):
     assert "--no-amp" not in result.stderr  # bf16 is not used on the CPU
     assert (not os.path.exists(os.path.join(run, "final.json"))
             and not os.path.exists(os.path.join(run, "checkpoint.pt")))
-    again = run_script(script, METHODS[script]["quick"](run), tmp_path)
+    again = run_script(script, [*METHODS[script]["quick"](run), *METHODS[script]["tiny"]], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
 
 
@@ -361,7 +375,7 @@ def test_ctrl_c_says_how_to_resume(script, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # torchrun
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", WITH_REFERENCE)
 def test_two_processes_with_torchrun(script, reference, tmp_path):
     """Two CPU processes (gloo): rank 0 alone writes the run, every rank's RNG is checkpointed, and
     the first epoch sees the data as the single process does (within a process's own batches)."""
@@ -374,6 +388,6 @@ def test_two_processes_with_torchrun(script, reference, tmp_path):
     stage, last = METHODS[script]["last"]
     assert read_metrics(run)[-1]["epoch"] == last
     assert len(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["rng"]) == 2
-    single = read_metrics(reference / script)
+    single = read_metrics(reference(script))
     if script == "deepcluster.py":  # the first clustering: the same network's features, gathered
         assert read_metrics(run)[0]["nmi_gt"] == pytest.approx(single[0]["nmi_gt"], abs=0.01)
