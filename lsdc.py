@@ -240,6 +240,18 @@ class LSDCNet(nn.Module):
         return logits[0] if len(views) == 1 else (logits, features[0])
 
 
+def make_optimizer(model, args):
+    """The clustering stage's optimizer over the trainable parameters (Table 1: SGD, or Adam for
+    Reuters-10K) and its step schedule (lr x --lr-gamma at each milestone)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=args.lr)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.lr_gamma)
+
+
 def freeze_blocks(backbone, frozen_blocks):
     """Freeze the stem and the first `frozen_blocks` macro-blocks (paper: 3, after RotNet). Their
     BatchNorm layers stay in training mode, as in the official code (model.train() for all)."""
@@ -638,13 +650,7 @@ def main(argv=None):
     common.seed_everything(args.seed + 1 + common.rank(), args.deterministic)
     raw_model = LSDCNet(backbone, args.num_clusters, args.head).to(device)
     freeze_blocks(backbone, args.frozen_blocks)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.lr_gamma)
+    optimizer, scheduler = make_optimizer(raw_model, args)
     start = run.resume("lsdc", args.epochs, model=raw_model, optimizer=optimizer, scheduler=scheduler)
     model = common.wrap_model(raw_model, device, args.compile)
 

@@ -149,13 +149,7 @@ def setup_lsdc(args, data, device):
     args.num_clusters = args.num_clusters or data.num_classes
     raw_model = lsdc.LSDCNet(backbone, args.num_clusters, args.head).to(device)
     lsdc.freeze_blocks(backbone, args.frozen_blocks)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.lr_gamma)
+    optimizer, scheduler = lsdc.make_optimizer(raw_model, args)
     augment, _ = lsdc.make_transforms(args, data, device)
     objects = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler)
     return raw_model, optimizer, augment, "lsdc", objects, {}, 3
