@@ -11,13 +11,14 @@ colour, multi-crop); a CIFAR ResNet-18 train step (bf16 autocast on CUDA, channe
 pre-made tensors and the same step fed by the crop + flip pipeline, whole network and layer4 + head
 (LSD-C's clustering stage); inference; the RotNet step (four rotations per image).
 
-With --method M (lsdc, deepcluster): M's model, optimizer and transforms are built as M's main()
+With --method M (lsdc, deepcluster, cld): M's model, optimizer and transforms are built as M's main()
 builds them, from M's command line for CIFAR-10 (METHOD FLAGS, after --, change it), and M's own
 train_one_epoch runs over --images images resident on the device, through a common.Run in a
 temporary directory; the median over --epochs timed epochs after one warm-up epoch is set against
 the bare step of the same network (forward, backward, optimizer step on one pre-made batch of the
 same size, cross-entropy on its outputs). M's loop trains each image as `views` forward passes
-(LSD-C: a clean and two mixed views), so `ratio_per_view` is the comparison of equal work.
+(LSD-C: a clean and two mixed views; CLD: two views, and a third through MoCo's key encoder), so
+`ratio_per_view` is the comparison of equal work.
 DeepCluster's clustering between epochs is not part of its train_one_epoch and is not timed.
 
 Random uint8 images stand in for CIFAR-10: speed does not depend on the content.
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import cld  # noqa: E402
 import deepcluster  # noqa: E402
 import lsdc  # noqa: E402
 
@@ -152,7 +154,7 @@ def setup_lsdc(args, data, device):
     optimizer, scheduler = lsdc.make_optimizer(raw_model, args)
     augment, _ = lsdc.make_transforms(args, data, device)
     objects = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler)
-    return raw_model, optimizer, augment, "lsdc", objects, {}, 3
+    return raw_model, optimizer, augment, "lsdc", objects, {}, 3, None
 
 
 def setup_deepcluster(args, data, device):
@@ -166,10 +168,32 @@ def setup_deepcluster(args, data, device):
     labels = torch.randint(0, args.num_clusters, (len(data),), device=device)
     augment, _ = deepcluster.make_transforms(args, data, device)
     objects = dict(model=raw_model, optimizer=optimizer, labels=labels, clustering={})
-    return raw_model, optimizer, augment, "train", objects, {"labels": labels}, 1
+    return raw_model, optimizer, augment, "train", objects, {"labels": labels}, 1, None
 
 
-METHODS = {"lsdc": (lsdc, setup_lsdc), "deepcluster": (deepcluster, setup_deepcluster)}
+def setup_cld(args, data, device):
+    """cld.main's training: the network with both heads, its memory bank (NPID) or key encoder and
+    queue (MoCo), SGD with the per-step schedule. Its bare step is the backbone + a linear layer."""
+    backbone = common.build_backbone(args.backbone, 3, shortcut="conv", width=args.width)
+    raw_model = cld.CLDNet(backbone, args).to(device, memory_format=common.memory_format(device))
+    state = {"bank": cld.init_bank(len(data), args.feature_dim).to(device)} if args.base == "npid" else {
+        "key_model": cld.CLDNet(common.build_backbone(args.backbone, 3, "conv", args.width), args).to(
+            device, memory_format=common.memory_format(device)).requires_grad_(False),
+        "queue": cld.init_bank(args.queue_size, args.feature_dim).to(device),
+        "pointer": torch.zeros(1, dtype=torch.long, device=device)}
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps = len(data) // args.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cld.lr_factor(t, steps, args))
+    augment, _ = cld.make_transforms(args, data, device)
+    objects = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler, **state)
+    bare = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 10)).to(device)
+    extra = dict(scheduler=scheduler, raw_model=raw_model, state=state)
+    return raw_model, optimizer, augment, "train", objects, extra, 2 if args.base == "npid" else 3, bare
+
+
+METHODS = {"lsdc": (lsdc, setup_lsdc), "deepcluster": (deepcluster, setup_deepcluster),
+           "cld": (cld, setup_cld)}
 
 
 def method_loop(data, args, device, out_dir):
@@ -178,7 +202,7 @@ def method_loop(data, args, device, out_dir):
                                "--out-dir", out_dir])
     common.check_batch_size("--batch-size", margs.batch_size, len(data), "--images")
     common.seed_everything(margs.seed)
-    raw_model, optimizer, augment, stage, objects, extra, views = setup(margs, data, device)
+    raw_model, optimizer, augment, stage, objects, extra, views, bare = setup(margs, data, device)
     run = common.Run(args.method, margs)
     run.resume(stage, args.epochs + 1, **objects)
     model = common.wrap_model(raw_model, device, margs.compile)
@@ -192,9 +216,15 @@ def method_loop(data, args, device, out_dir):
         rates.append(seen / (time.perf_counter() - t))
     run.close()
     premade = augment(data.images[:margs.batch_size])
-    labels = torch.randint(0, margs.num_clusters, (margs.batch_size,), device=device)
-    bare = timed(train_step_fn(model, optimizer, lambda: premade, labels, margs.amp), margs.batch_size,
-                 args.warmup, args.repeats, args.calls)
+    if bare is None:  # the method's own network, with its optimizer
+        labels = torch.randint(0, margs.num_clusters, (margs.batch_size,), device=device)
+        step = train_step_fn(model, optimizer, lambda: premade, labels, margs.amp)
+    else:  # the method's network without its heads, a linear layer on top, plain SGD
+        labels = torch.randint(0, 10, (margs.batch_size,), device=device)
+        bare_optimizer = torch.optim.SGD(bare.parameters(), lr=0.01, momentum=0.9)
+        step = train_step_fn(common.wrap_model(bare, device, margs.compile), bare_optimizer, lambda: premade,
+                             labels, margs.amp)
+    bare = timed(step, margs.batch_size, args.warmup, args.repeats, args.calls)
     method = statistics.median(rates[1:])
     return {"method": args.method, "method_flags": args.method_flags, "batch_size": margs.batch_size,
             "method_images_per_s": method, "bare_step_images_per_s": bare, "ratio": method / bare,

@@ -52,6 +52,16 @@ def deepcluster_learned(runs):
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.3
 
 
+def cld_learned(runs):
+    """MoCo+CLD, seed 0: kNN top-1 0.XX against 0.YY for the untrained network; the per-step schedule
+    ends on its final value at the last step (every step counted, the last incomplete batch dropped)."""
+    (lines, final), (_, untrained) = runs["demo"], runs["untrained"]
+    assert final["knn_acc"] > untrained["knn_acc"] + 0.15 and final["knn_acc"] > 0.5
+    assert final["kmeans_nmi"] > untrained["kmeans_nmi"] + 0.1  # k-means on f_I finds the classes better
+    assert lines[-1]["group_acc"] > lines[0]["group_acc"]  # instances find their twin's group more often
+    assert lines[-1]["lr"] == pytest.approx(1e-6)
+
+
 # For each script: `quick(run)` a run of a few seconds with several epochs (and stages), its last
 # (stage, epoch), where a kill -9 interrupts it, flags that make its loss NaN in the first epoch, the
 # scheduler's signal it is stopped with (SIGTERM or SIGUSR1: both must work),
@@ -77,6 +87,14 @@ METHODS = {
         demo=lambda run: [*SYNTHETIC, "--out-dir", run],
         extra_runs={"untrained": ["--cycles", "0"]}, after_demo={}, learned=deepcluster_learned,
         tiny=["--cycles", "1", "--probe-epochs", "0"], tiny_lines=[("train", 0)]),
+    "cld.py": dict(
+        quick=lambda run: [*SYNTHETIC, "--width", "2", "--batch-size", "100", "--num-clusters", "8",
+                           "--epochs", "3", "--probe-epochs", "1", "--out-dir", run],
+        last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGTERM,
+        extend=["--epochs", "4"], frozen=["--batch-size", "50"], edit=("feature_dim", 64),
+        demo=lambda run: [*SYNTHETIC, "--base", "moco", "--out-dir", run],
+        extra_runs={"untrained": ["--epochs", "0"]}, after_demo={}, learned=cld_learned,
+        tiny=["--epochs", "1", "--probe-epochs", "0"], tiny_lines=[("train", 0)]),
 }
 SCRIPTS = list(METHODS)
 # Under pytest-xdist (pytest.ini), the tests that share a run stay on one worker, whose session
