@@ -49,6 +49,11 @@ PAPER_DEFAULTS = {
                         cld_temperature=0.2, instance_temperature=0.1, lr=0.06),
         "cifar100": dict(batch_size=256, num_clusters=200, weight_decay=7e-4, cld_lambda=1.0,
                          cld_temperature=0.2, instance_temperature=0.1, lr=0.06),
+        # ImageNet-size folders: the supplementary's Sec. 2 (batch 256, lr 0.03, wd 1e-4, 224 px),
+        # Table A.3's best lambda 0.25, NPID's ImageNet temperature 0.07, K as the MoCo row.
+        "imagefolder": dict(batch_size=256, num_clusters=120, weight_decay=1e-4, cld_lambda=0.25,
+                            cld_temperature=0.2, instance_temperature=0.07, lr=0.03,
+                            backbone="resnet50-imagenet"),
         # Not in the papers: a CPU run on the synthetic images (2,000, 10 classes of a shape in a
         # hue): a narrow network, small batches (K 16 groups of the 10 classes), crops and flips
         # only (colour jitter would teach invariance to the hue, half of what tells the classes
@@ -84,6 +89,7 @@ BASE_DEFAULTS = {  # NPID: the plain script; MoCo: --normlinear --aug-plus --era
     "npid": dict(normlinear=False, augmentation="npid", erasing=False, queue_size=None),
     "moco": dict(normlinear=True, augmentation="mocov2", erasing=True),
 }
+DEFAULT_BASE = {"imagefolder": "moco"}  # the ImageNet recipe the official code gives
 DATASETS = ["cifar10", "cifar100", "cifar10-lt", "cifar100-lt", "stl10", "imagefolder", "synthetic"]
 # Flags that may change on --resume: extend the schedule, lower the learning rate after a divergence.
 RESUMABLE = ("epochs", "lr", "eval_every")
@@ -101,7 +107,7 @@ def defaults(base, dataset):
 def parse_args(argv=None):
     dataset = common.peek_dataset(argv, "cifar10")
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--base", default="npid")
+    pre.add_argument("--base", default=DEFAULT_BASE.get(dataset, "npid"))
     base = pre.parse_known_args(argv)[0].base
     p = common.ArgumentParser(
         description="CLD (Wang, Liu, Yu, CVPR 2021): instance discrimination (NPID or MoCo) + "
@@ -120,9 +126,10 @@ def parse_args(argv=None):
                    help="-lt datasets: largest / smallest class size of the long-tailed train split "
                    "(no official code; 100 is the common choice of Cao et al.)")
     g = p.add_argument_group("instance discrimination (the base method)")
-    g.add_argument("--base", choices=["npid", "moco"], default="npid",
+    g.add_argument("--base", choices=["npid", "moco"], default=DEFAULT_BASE.get(dataset, "npid"),
                    help="npid: memory bank, full softmax (train_cifar_npid_cld.py); moco: key encoder "
-                   "and queue, three views (train_cifar_moco_cld.py)")
+                   "and queue, three views (train_cifar_moco_cld.py; imagefolder: the MoCo-v2+CLD "
+                   "ImageNet script)")
     g.add_argument("--backbone", choices=["resnet18", "resnet50", "resnet50-imagenet"],
                    help="CIFAR ResNet with 1x1-conv shortcuts (official), or torchvision's ResNet-50 "
                    "at 224 px")
@@ -361,15 +368,16 @@ def spectral_embedding(f, num_vectors):
 
 def group(f, args):
     """Labels (B,) and centroids (K, d) of one view's group features f (B, d). Spectral grouping
-    clusters the spectral embedding and takes the centroids as means of f over each group."""
-    spherical = args.kmeans == "spherical"
+    clusters the spectral embedding and takes the centroids as means of f over each group (an
+    empty group: the sample its k-means started from, as batch_kmeans)."""
+    spherical, k = args.kmeans == "spherical", args.num_clusters
     if args.grouping == "kmeans":
-        return batch_kmeans(f, args.num_clusters, args.kmeans_iters, spherical)
-    embedding = spectral_embedding(f, args.eigenvectors or args.num_clusters)
-    labels, _ = batch_kmeans(embedding, args.num_clusters, args.kmeans_iters, spherical)
-    members = F.one_hot(labels, args.num_clusters).to(f.dtype)
-    counts = members.sum(0).clamp(min=1).unsqueeze(1)
-    centroids = members.T @ f / counts
+        return batch_kmeans(f, k, args.kmeans_iters, spherical)
+    embedding = spectral_embedding(f, args.eigenvectors or k)
+    labels, _ = batch_kmeans(embedding, k, args.kmeans_iters, spherical)
+    members = F.one_hot(labels, k).to(f.dtype)
+    counts = members.sum(0).unsqueeze(1)
+    centroids = torch.where(counts > 0, members.T @ f / counts.clamp(min=1), f[:k])
     return labels, (F.normalize(centroids, dim=1) if spherical else centroids)
 
 

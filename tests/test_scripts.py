@@ -53,10 +53,11 @@ def deepcluster_learned(runs):
 
 
 def cld_learned(runs):
-    """MoCo+CLD, seed 0: kNN top-1 0.XX against 0.YY for the untrained network; the per-step schedule
-    ends on its final value at the last step (every step counted, the last incomplete batch dropped)."""
+    """MoCo+CLD, seed 0: kNN top-1 0.70 against 0.48 for the untrained network, NMI of k-means on f_I
+    with the classes 0.44 against 0.21; the per-step schedule ends on its final value at the last
+    step (every step counted, the last incomplete batch dropped)."""
     (lines, final), (_, untrained) = runs["demo"], runs["untrained"]
-    assert final["knn_acc"] > untrained["knn_acc"] + 0.15 and final["knn_acc"] > 0.5
+    assert final["knn_acc"] > untrained["knn_acc"] + 0.15 and final["knn_acc"] > 0.6
     assert final["kmeans_nmi"] > untrained["kmeans_nmi"] + 0.1  # k-means on f_I finds the classes better
     assert lines[-1]["group_acc"] > lines[0]["group_acc"]  # instances find their twin's group more often
     assert lines[-1]["lr"] == pytest.approx(1e-6)
