@@ -463,6 +463,41 @@ def long_tail_indices(labels, num_classes, imbalance, seed=0):
     return torch.cat(keep).sort().values
 
 
+def labelled_subset(data, per_class=None, fraction=None, names_file=None, seed=0):
+    """The labelled images of a semi-supervised run, as sorted int64 indices into `data` (on its
+    device): `per_class` images of every class, or `fraction` of each class (rounded, at least one;
+    ImageNet's 1 % / 10 %), drawn by a generator seeded with `seed` alone, so every rank and every
+    resume draws the same subset; or the images named, one file name a line, in `names_file` (the
+    standard ImageNet 1 % / 10 % lists; an image folder only). Used by suave.py and daino.py.
+    Abort when a class has fewer images than asked, or a listed name is not in `data`."""
+    labels = data.labels.cpu()
+    if names_file is not None:
+        if not isinstance(data, FolderImages):
+            raise Abort(f"--label-file {names_file}: lists image file names, which only "
+                        "--dataset imagefolder has")
+        try:
+            with open(names_file) as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise Abort(f"--label-file {names_file}: cannot read it ({error})") from None
+        index = {os.path.basename(path): i for i, (path, _) in enumerate(data.samples)}
+        missing = [name for name in names if name not in index]
+        if missing or not names:
+            raise Abort(f"--label-file {names_file}: " + (f"{len(missing)} of its {len(names)} images are "
+                        f"not in the training images, e.g. {missing[0]}" if missing else "names no image"))
+        return torch.tensor(sorted({index[name] for name in names}), device=data.labels.device)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(data.num_classes):
+        members = (labels == c).nonzero().flatten()
+        n = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        if n > len(members):
+            raise Abort(f"--labels-per-class {n} is larger than class {c} of {data.name}'s training "
+                        f"images ({len(members)}); lower it")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(chosen).sort().values.to(data.labels.device)
+
+
 def load_dataset(name, split="train", data_dir=None, device="cpu", download=True, imbalance=100.0,
                  seed=0, image_size=224):
     """Load a dataset by name. Splits (`dataset_splits`): train, test, all (= train + test, used
@@ -1186,6 +1221,7 @@ positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number"
 non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 open_fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+area_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # crop scales
 decay_factor = _checked(float, lambda v: 0 < v <= 1, "a factor in (0, 1]")
 cosine = _checked(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
 seed_int = _checked(int, lambda v: v >= 0, "a seed >= 0")
