@@ -542,8 +542,9 @@ def load_dataset(name, split="train", data_dir=None, device="cpu", download=True
 # ================================================================================================
 # Augmentation: batched, on the device, per-sample randomness, no Python loop over samples.
 # Inputs are float (B, C, H, W) in [0, 1] unless said otherwise. Used by: lsdc.py (crop, flip,
-# rotations, RICAP, MixUp), deepcluster.py (resized crop, crop, flip); colour jitter, grayscale,
-# blur, solarize and CutMix are for the CLD, Suave and Daino files (planned) and benchmarks/.
+# rotations, RICAP, MixUp), deepcluster.py (resized crop, crop, flip), suave.py (multi-crop resized
+# crops, flip, colour jitter, grayscale, blur); solarize and CutMix are for the CLD and Daino files
+# (planned) and benchmarks/.
 # ================================================================================================
 def to_float(images):
     """uint8 (B, C, H, W) -> float in [0, 1]."""
@@ -790,7 +791,8 @@ def ricap(x, beta=0.3, mix=None, identity_above=None):
 # ================================================================================================
 # Backbones: each returns features (B, feature_dim) and exposes `feature_dim`. Used by: lsdc.py
 # (CIFAR ResNets with parameter-free shortcuts, MLP), deepcluster.py (AlexNets, LeNet-5, ResNet-18);
-# the ViTs and the ImageNet ResNet-50 are for the Suave and Daino files (planned).
+# suave.py (CIFAR ResNets with 1x1-conv shortcuts, the ImageNet ResNet-50); the ViTs are for the
+# Daino file (planned).
 # ================================================================================================
 class PadShortcut(nn.Module):
     """Parameter-free shortcut (LSD-C, AutoNovel): 2x2 average pooling when the block downsamples,
@@ -992,8 +994,8 @@ def build_backbone(name, in_channels=3, shortcut="conv", width=64, image_size=No
 
 # ================================================================================================
 # Evaluation. Used by: lsdc.py (clustering metrics, confident samples), deepcluster.py (NMI,
-# features), plots.py (cluster-to-class matching); kNN and the feature probe are for CLD, Suave
-# and Daino (planned).
+# features), plots.py (cluster-to-class matching), suave.py (ACC/NMI/ARI of the prototypes, kNN and
+# the feature probe of SwAV runs); CLD and Daino (planned) use kNN too.
 # ================================================================================================
 def _as_numpy(a):
     return a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
