@@ -603,9 +603,9 @@ def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, r
             z, scores = model(order)
         parts = list(scores.split([len(x) for x in order]))
         lab_scores = parts.pop(0) if inputs else None
-        g = args.global_crops
-        view_scores = parts[:g] + parts[g + len(mixed[:1]):g + len(mixed[:1]) + args.local_crops]
-        mixed_scores = parts[g:g + len(mixed[:1])] + parts[g + len(mixed[:1]) + args.local_crops:]
+        g, mixed_global = args.global_crops, len(mixed[:1])  # 1 when the global pair is mixed
+        view_scores = parts[:g] + parts[g + mixed_global:g + mixed_global + args.local_crops]
+        mixed_scores = parts[g:g + mixed_global] + parts[g + mixed_global + args.local_crops:]
         losses, loss = {}, 0.0
         if views:
             B = len(images)
