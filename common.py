@@ -463,6 +463,41 @@ def long_tail_indices(labels, num_classes, imbalance, seed=0):
     return torch.cat(keep).sort().values
 
 
+def labelled_subset(data, per_class=None, fraction=None, names_file=None, seed=0):
+    """The labelled images of a semi-supervised run, as sorted int64 indices into `data` (on its
+    device): `per_class` images of every class, or `fraction` of each class (rounded, at least one;
+    ImageNet's 1 % / 10 %), drawn by a generator seeded with `seed` alone, so every rank and every
+    resume draws the same subset; or the images named, one file name a line, in `names_file` (the
+    standard ImageNet 1 % / 10 % lists; an image folder only). Used by suave.py and daino.py.
+    Abort when a class has fewer images than asked, or a listed name is not in `data`."""
+    labels = data.labels.cpu()
+    if names_file is not None:
+        if not isinstance(data, FolderImages):
+            raise Abort(f"--label-file {names_file}: lists image file names, which only "
+                        "--dataset imagefolder has")
+        try:
+            with open(names_file) as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise Abort(f"--label-file {names_file}: cannot read it ({error})") from None
+        index = {os.path.basename(path): i for i, (path, _) in enumerate(data.samples)}
+        missing = [name for name in names if name not in index]
+        if missing or not names:
+            raise Abort(f"--label-file {names_file}: " + (f"{len(missing)} of its {len(names)} images are "
+                        f"not in the training images, e.g. {missing[0]}" if missing else "names no image"))
+        return torch.tensor(sorted({index[name] for name in names}), device=data.labels.device)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(data.num_classes):
+        members = (labels == c).nonzero().flatten()
+        n = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        if n > len(members):
+            raise Abort(f"--labels-per-class {n} is larger than class {c} of {data.name}'s training "
+                        f"images ({len(members)}); lower it")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(chosen).sort().values.to(data.labels.device)
+
+
 def load_dataset(name, split="train", data_dir=None, device="cpu", download=True, imbalance=100.0,
                  seed=0, image_size=224):
     """Load a dataset by name. Splits (`dataset_splits`): train, test, all (= train + test, used
@@ -507,8 +542,9 @@ def load_dataset(name, split="train", data_dir=None, device="cpu", download=True
 # ================================================================================================
 # Augmentation: batched, on the device, per-sample randomness, no Python loop over samples.
 # Inputs are float (B, C, H, W) in [0, 1] unless said otherwise. Used by: lsdc.py (crop, flip,
-# rotations, RICAP, MixUp), deepcluster.py (resized crop, crop, flip); colour jitter, grayscale,
-# blur, solarize and CutMix are for the CLD, Suave and Daino files (planned) and benchmarks/.
+# rotations, RICAP, MixUp), deepcluster.py (resized crop, crop, flip), suave.py (multi-crop resized
+# crops, flip, colour jitter, grayscale, blur); solarize and CutMix are for the CLD and Daino files
+# (planned) and benchmarks/.
 # ================================================================================================
 def to_float(images):
     """uint8 (B, C, H, W) -> float in [0, 1]."""
@@ -755,7 +791,8 @@ def ricap(x, beta=0.3, mix=None, identity_above=None):
 # ================================================================================================
 # Backbones: each returns features (B, feature_dim) and exposes `feature_dim`. Used by: lsdc.py
 # (CIFAR ResNets with parameter-free shortcuts, MLP), deepcluster.py (AlexNets, LeNet-5, ResNet-18);
-# the ViTs and the ImageNet ResNet-50 are for the Suave and Daino files (planned).
+# suave.py (CIFAR ResNets with 1x1-conv shortcuts, the ImageNet ResNet-50); the ViTs are for the
+# Daino file (planned).
 # ================================================================================================
 class PadShortcut(nn.Module):
     """Parameter-free shortcut (LSD-C, AutoNovel): 2x2 average pooling when the block downsamples,
@@ -957,8 +994,8 @@ def build_backbone(name, in_channels=3, shortcut="conv", width=64, image_size=No
 
 # ================================================================================================
 # Evaluation. Used by: lsdc.py (clustering metrics, confident samples), deepcluster.py (NMI,
-# features), plots.py (cluster-to-class matching); kNN and the feature probe are for CLD, Suave
-# and Daino (planned).
+# features), plots.py (cluster-to-class matching), suave.py (ACC/NMI/ARI of the prototypes, kNN and
+# the feature probe of SwAV runs); CLD and Daino (planned) use kNN too.
 # ================================================================================================
 def _as_numpy(a):
     return a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
@@ -1186,6 +1223,7 @@ positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number"
 non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 open_fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+area_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # crop scales
 decay_factor = _checked(float, lambda v: 0 < v <= 1, "a factor in (0, 1]")
 cosine = _checked(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
 seed_int = _checked(int, lambda v: v >= 0, "a seed >= 0")

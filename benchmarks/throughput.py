@@ -17,12 +17,15 @@ train_one_epoch runs over --images images resident on the device, through a comm
 temporary directory; the median over --epochs timed epochs after one warm-up epoch is set against
 the bare step of the same network (forward, backward, optimizer step on one pre-made batch of the
 same size, cross-entropy on its outputs). M's loop trains each image as `views` forward passes
-(LSD-C: a clean and two mixed views; CLD: two views, and a third through MoCo's key encoder), so
-`ratio_per_view` is the comparison of equal work.
+(LSD-C: a clean and two mixed views; CLD: two views, and a third through MoCo's key encoder;
+Suave: its global and local crops, of which the local ones are smaller, beside the labelled
+batch), so `ratio_per_view` is the comparison of equal work; the bare step of Suave is one
+global-size crop. Suave's labelled images are a class-balanced subset of the stand-in data.
 DeepCluster's clustering between epochs is not part of its train_one_epoch and is not timed.
 
 Random uint8 images stand in for CIFAR-10: speed does not depend on the content.
 """
+import copy
 import json
 import os
 import statistics
@@ -39,6 +42,7 @@ import common  # noqa: E402
 import cld  # noqa: E402
 import deepcluster  # noqa: E402
 import lsdc  # noqa: E402
+import suave  # noqa: E402
 
 MEAN, STD = common.DATASETS["cifar10"][3:]
 
@@ -192,8 +196,31 @@ def setup_cld(args, data, device):
     return raw_model, optimizer, augment, "train", objects, extra, 2 if args.base == "npid" else 3, bare
 
 
+def setup_suave(args, data, device):
+    """suave.main's training: SuaveNet, LARS, the multi-crop transforms, the queue, the EMA encoder
+    and the labelled loader, as main builds them."""
+    args.num_clusters = args.num_clusters or data.num_classes
+    backbone = common.build_backbone(args.backbone, 3, shortcut="conv", width=args.width)
+    raw_model = suave.SuaveNet(backbone, args.hidden_dim, args.feature_dim, args.num_clusters)
+    raw_model = raw_model.to(device, memory_format=common.memory_format(device))
+    ema = copy.deepcopy(raw_model).requires_grad_(False) if args.ema else None
+    optimizer = suave.LARS(raw_model.parameters(), args.lr, args.weight_decay, args.momentum, args.lars_eta,
+                           args.lars_exclude)
+    augment, _ = suave.make_transforms(args, data, device)
+    length = args.queue_length - args.queue_length % args.batch_size
+    queue = torch.zeros(args.global_crops, length, args.feature_dim, device=device) if length else None
+    progress = {"step": 0, "queued": 0}
+    labelled = None
+    if args.labels_per_class != 0:
+        indices = common.labelled_subset(data, args.labels_per_class, args.label_fraction, None, args.seed)
+        labelled = suave.LabelledBatches(data, indices, args.labelled_batch_size, args.seed)
+    objects = dict(model=raw_model, optimizer=optimizer, progress=progress)
+    extra = dict(raw_model=raw_model, ema=ema, queue=queue, progress=progress, labelled=labelled)
+    return raw_model, optimizer, augment, "train", objects, extra, args.global_crops + args.local_crops, None
+
+
 METHODS = {"lsdc": (lsdc, setup_lsdc), "deepcluster": (deepcluster, setup_deepcluster),
-           "cld": (cld, setup_cld)}
+           "cld": (cld, setup_cld), "suave": (suave, setup_suave)}
 
 
 def method_loop(data, args, device, out_dir):
@@ -215,7 +242,8 @@ def method_loop(data, args, device, out_dir):
         meter.averages(epoch, run)  # waits for the device
         rates.append(seen / (time.perf_counter() - t))
     run.close()
-    premade = augment(data.images[:margs.batch_size])
+    one_view = augment["global"] if isinstance(augment, dict) else augment  # Suave: crops by kind
+    premade = one_view(data.images[:margs.batch_size])
     if bare is None:  # the method's own network, with its optimizer
         labels = torch.randint(0, margs.num_clusters, (margs.batch_size,), device=device)
         step = train_step_fn(model, optimizer, lambda: premade, labels, margs.amp)

@@ -3,11 +3,13 @@ directory, stop it on purpose."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.environ.get("DATA_DIR")
@@ -84,3 +86,21 @@ def results(run_dir):
 def one_line_error(stderr):
     """A user error as the scripts print it: exactly one line, no traceback, no usage block."""
     return stderr.count("\n") == 1 and "Traceback" not in stderr and "usage:" not in stderr
+
+
+def spawn_gloo(target, args, world=2):
+    """Run `target(rank, world, port, *args, queue)` in `world` spawned processes (each joins a gloo
+    group on a free local port) and return what they put on the queue, one item each, sorted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda item: item[0])
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

@@ -9,18 +9,17 @@ import os
 import pickle
 import random
 import shutil
-import socket
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
 
 import common
+from conftest import spawn_gloo
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1066,21 +1065,44 @@ def _distributed_worker(rank, world, port, queue):
 
 
 def test_distributed_helpers_with_two_gloo_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_distributed_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_gloo(_distributed_worker, ())
     (r0, w0, t0, g0, s0, o0), (r1, w1, t1, g1, s1, o1) = results
     assert (r0, r1, w0, w1) == (0, 1, 2, 2)
     assert t0 == t1 == 3.0 and g0 == g1 == [0.0, 0.0, 1.0, 1.0]
     assert o0 == o1  # the same epoch order on both ranks
     # 20 samples, 3 per rank: 3 global batches of 6; the shards are disjoint and cover them
     assert len(s0) == len(s1) == 9 and not set(s0) & set(s1) and sorted(s0 + s1) == sorted(o0[:18])
+
+
+# ------------------------------------------------------------------------------------------------
+# Labelled subsets (suave.py, daino.py)
+# ------------------------------------------------------------------------------------------------
+def test_labelled_subset_is_class_balanced_seeded_and_independent_of_the_global_rng():
+    labels = torch.arange(300) % 3
+    labels[:30] = 2  # classes of 90, 90 and 120 images
+    data = common.TensorImages("t", torch.zeros(300, 1, 2, 2, dtype=torch.uint8), labels, 3, None, None)
+    torch.manual_seed(0)
+    chosen = common.labelled_subset(data, per_class=7, seed=5)
+    torch.manual_seed(1)  # another rank's generator state: the same subset
+    assert torch.equal(chosen, common.labelled_subset(data, per_class=7, seed=5))
+    assert not torch.equal(chosen, common.labelled_subset(data, per_class=7, seed=6))
+    assert torch.bincount(labels[chosen], minlength=3).tolist() == [7, 7, 7]
+    assert chosen.unique().numel() == 21 and torch.equal(chosen, chosen.sort().values)
+    share = common.labelled_subset(data, fraction=0.1, seed=5)
+    assert torch.bincount(labels[share], minlength=3).tolist() == [9, 9, 12]
+    with pytest.raises(common.Abort, match="--labels-per-class 95 is larger than class 0"):
+        common.labelled_subset(data, per_class=95)
+
+
+def test_labelled_subset_from_a_file_of_image_names(tmp_path):
+    samples = [(f"/d/{c}/{c}_{i}.JPEG", k) for k, c in enumerate(("n01", "n02")) for i in range(3)]
+    data = common.FolderImages(samples, ["n01", "n02"])
+    (tmp_path / "list.txt").write_text("n02_1.JPEG\nn01_0.JPEG\n\n")
+    assert common.labelled_subset(data, names_file=str(tmp_path / "list.txt")).tolist() == [0, 4]
+    (tmp_path / "bad.txt").write_text("n01_0.JPEG\nn03_9.JPEG\n")
+    with pytest.raises(common.Abort, match="1 of its 2 images are not in the training images, e.g. n03_9"):
+        common.labelled_subset(data, names_file=str(tmp_path / "bad.txt"))
+    tensors = common.TensorImages("t", torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), 2,
+                                  None, None)
+    with pytest.raises(common.Abort, match="only --dataset imagefolder"):
+        common.labelled_subset(tensors, names_file=str(tmp_path / "list.txt"))
