@@ -64,7 +64,7 @@ PAPER_DEFAULTS = {
     # Not in the paper: a CPU demo of about half a minute. Narrow network, 16 px crops, small batches
     # (62 steps an epoch) and no queue (a queue of embeddings from a few steps back slows SwAV this
     # early); no colour jitter, which would move the hue, one of the shape classes' cues.
-    "synthetic": dict(batch_size=32, labelled_batch_size=10, epochs=6, global_scale=[0.3, 1.0],
+    "synthetic": dict(batch_size=32, labelled_batch_size=10, epochs=5, global_scale=[0.3, 1.0],
                       local_crops=0, local_scale=[0.1, 0.3], label_smoothing=0.01, lr=4.0,
                       weight_decay=1e-5, epsilon=0.05, ema=0.0, mix_unlabelled="globals",
                       backbone="resnet18", width=8, global_size=16, local_size=8, labels_per_class=4,
@@ -101,7 +101,7 @@ def dataset_defaults(dataset, swav=False, finetune=False):
     if swav:
         row.update(SWAV_DEFAULTS, labels_per_class=0)
         if dataset == "synthetic":  # the CPU demo's sizes, SwAV's method settings
-            row.update(epochs=3, batch_size=32, queue_length=0, queue_start=0, warmup_epochs=1,
+            row.update(epochs=2, batch_size=32, queue_length=0, queue_start=0, warmup_epochs=1,
                        freeze_prototypes_epochs=1, num_clusters=30, jitter=0.0)
         if dataset == "imagefolder":
             row.update(global_scale=[0.14, 1.0], local_crops=8, blur=0.5)

@@ -64,10 +64,11 @@ def cld_learned(runs):
 
 
 def suave_learned(runs):
-    """Seed 0, 40 labels: Suave's prototypes reach test top-1 0.73 where the same network, labelled
-    batches and schedule without the unlabelled images (--supervised-only) reach 0.59; SwAV
-    (--labels-per-class 0, 30 prototypes) clusters above chance (majority-mapped ACC about 0.2 and NMI
-    about 0.09 for random assignments of 500 images to 30 clusters)."""
+    """Seed 0, 40 labels: Suave's prototypes reach test top-1 0.71 (NMI 0.66) where the same network,
+    labelled batches and schedule without the unlabelled images (--supervised-only) reach 0.58 (NMI
+    0.52); SwAV (--labels-per-class 0, 30 prototypes, 2 epochs) clusters above chance: NMI 0.30 and
+    kNN top-1 0.33, where random assignments of 500 images to 30 clusters give an NMI of about 0.09
+    and chance top-1 is 0.1."""
     (lines, final), (_, baseline), (swav_lines, swav) = runs["demo"], runs["baseline"], runs["swav"]
     assert final["test_top1"] > 0.65 and final["test_top1"] > baseline["test_top1"] + 0.1
     assert final["test_nmi"] > baseline["test_nmi"] + 0.1
@@ -110,9 +111,9 @@ METHODS = {
         extra_runs={"untrained": ["--epochs", "0"]}, after_demo={}, learned=cld_learned,
         tiny=["--epochs", "1", "--probe-epochs", "0"], tiny_lines=[("train", 0)]),
     "suave.py": dict(
-        quick=lambda run: [*SYNTHETIC, "--width", "2", "--batch-size", "100", "--labelled-batch-size", "10",
+        quick=lambda run: [*SYNTHETIC, "--width", "2", "--batch-size", "200", "--labelled-batch-size", "10",
                            "--global-size", "12", "--local-crops", "2", "--mix-unlabelled", "all",
-                           "--queue-length", "200", "--queue-start", "1", "--ema", "0.9",
+                           "--queue-length", "400", "--queue-start", "1", "--ema", "0.9",
                            "--freeze-prototypes-epochs", "1", "--epochs", "3", "--out-dir", run],
         last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGTERM,
         extend=["--epochs", "4"], frozen=["--batch-size", "64"], edit=("width", 4),
