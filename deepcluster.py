@@ -254,11 +254,29 @@ def preprocess(features, pca_dim):
 
 
 def assign(x, centroids, chunk_elements):
-    """argmin_j ||x_i - c_j||^2 = argmin_j (||c_j||^2 - 2 x_i.c_j), by row chunks of x (float32; the
-    matmul in TF32 on CUDA when the process allows it, as common.setup_device does)."""
-    c_sq = (centroids ** 2).sum(1)
-    rows = max(1, chunk_elements // len(centroids))
-    return torch.cat([torch.addmm(c_sq, xb, centroids.T, alpha=-2).argmin(1) for xb in x.split(rows)])
+    """The nearest centroid of each row of x: argmin_j ||x_i - c_j||^2 = argmin_j (||c_j||^2 - 2 x_i.c_j),
+    one block of rows (about `chunk_elements` distances) at a time. x: float32 (N, d), centroids:
+    float32 (k, d); returns int64 (N,), the first index among tied minima.
+    CUDA: argmin of each (rows, k) block (the matmul in TF32 when the process allows it, as
+    common.setup_device does). CPU: torch's argmin is a scalar loop that costs as much as the matmul,
+    so each block is computed transposed, s = 2 C x_b^T - ||c||^2 of shape (k, rows) (the negated
+    distances, bit for bit: scaling by +-2 is exact and rounding is symmetric), and its argmax over k
+    is a channels-last max_pool2d, vectorised across the rows (strict >, so also the first index)."""
+    if x.is_cuda:
+        c_sq = (centroids ** 2).sum(1)
+        rows = max(1, chunk_elements // len(centroids))
+        return torch.cat([torch.addmm(c_sq, xb, centroids.T, alpha=-2).argmin(1) for xb in x.split(rows)])
+    k = len(centroids)
+    neg_c_sq = -(centroids ** 2).sum(1, keepdim=True)
+    rows = max(1, chunk_elements // k)
+    labels, scores = x.new_empty(len(x), dtype=torch.long), x.new_empty(k, min(rows, len(x)))
+    for start in range(0, len(x), rows):
+        xb = x[start:start + rows]
+        s = torch.addmm(neg_c_sq, centroids, xb.T, alpha=2, out=scores[:, :len(xb)])
+        # (k, rows) seen as a (1, rows, 1, k) image, channels last: one max over its k pixels per channel
+        _, best = F.max_pool2d(s[None, None].permute(0, 3, 1, 2), (1, k), return_indices=True)
+        labels[start:start + len(xb)] = best.view(-1)
+    return labels
 
 
 def split_empty_clusters(x, labels, centroids, generator):
@@ -302,8 +320,8 @@ def kmeans(x, k, iters=20, init="random", seed=0, chunk_elements=None):
     all points are used (max_points_per_centroid is huge there). `init` is "random", "kmeans++" or a
     (k, d) tensor. Returns labels (N,), centroids (k, d), inertia sum_i ||x_i - c_{y_i}||^2."""
     x = x.float()
-    # GPU: few big matmuls; CPU: cache-sized
-    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 22)
+    # GPU: few big matmuls; CPU: blocks of 4 MB (benchmarks/deepcluster.md, k-means on the CPU)
+    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 20)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     centroids = init_centroids(x, k, init, generator)
     for it in range(iters + 1):
@@ -314,7 +332,7 @@ def kmeans(x, k, iters=20, init="random", seed=0, chunk_elements=None):
         counts = torch.bincount(labels, minlength=k).unsqueeze(1)
         centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / counts
     rows = max(1, chunk_elements // x.shape[1])
-    inertia = sum(((xb - centroids[yb]) ** 2).sum().item()
+    inertia = sum(((xb - centroids[yb]) ** 2).sum(dtype=torch.float64).item()  # the same for any block size
                   for xb, yb in zip(x.split(rows), labels.split(rows)))
     return labels, centroids, inertia
 

@@ -53,6 +53,49 @@ def test_kmeans_matches_a_reference_lloyd_from_the_same_start(seed):
     assert inertia == pytest.approx(ref_inertia, rel=1e-4)
 
 
+def float64_lloyd_with_margins(x, init, iters):
+    """Textbook Lloyd in float64 numpy: the first and the last assignments, and the smallest gap, over
+    every point and step, between the nearest and the second-nearest centroid's squared distance."""
+    x, c = x.double().numpy(), init.double().numpy()
+    all_labels, gap = [], np.inf
+    for step in range(iters + 1):
+        d = ((x[:, None] - c[None]) ** 2).sum(-1)
+        all_labels.append(d.argmin(1))
+        two = np.partition(d, 1, axis=1)[:, :2]
+        gap = min(gap, (two[:, 1] - two[:, 0]).min())
+        if step < iters:
+            assert np.bincount(all_labels[-1], minlength=len(c)).min() > 0  # no empty cluster to re-seed
+            c = np.stack([x[all_labels[-1] == j].mean(0) for j in range(len(c))])
+    return all_labels[0], all_labels[-1], gap
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk_elements", [None, 30 * 7 + 3])
+def test_kmeans_gives_the_float64_assignments_from_the_same_start(seed, chunk_elements):
+    """Every assignment equal to float64 Lloyd's, on data whose nearest centroid is never a near-tie: the
+    reference's smallest gap is checked to be far above the float32 rounding of squared distances
+    (< 400 here: under 1e-3). 30 * 7 + 3 distances per block makes blocks of 7 rows with a partial
+    last one (CPU path); the default makes one block."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, 16, generator=g) * 3
+    x = centres[torch.randint(20, (1000,), generator=g)] + torch.randn(1000, 16, generator=g)
+    init = x[torch.randperm(1000, generator=g)[:30]]
+    labels, _, _ = deepcluster.kmeans(x, 30, iters=10, init=init, chunk_elements=chunk_elements)
+    first, last, gap = float64_lloyd_with_margins(x, init, 10)
+    assert gap > 1e-2 and (first != last).sum() > 50  # no near-tie, and many points move
+    assert (labels.numpy() == last).all()
+
+
+def test_assign_picks_the_first_of_tied_centroids():
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(1))
+    a, b = x[:2]
+    centroids = torch.stack([a + 10, a, b, a, b])  # 1 and 3, 2 and 4 are the same centroid
+    for chunk_elements in (5 * 3, 2 ** 20):
+        labels = deepcluster.assign(x, centroids, chunk_elements)
+        d = ((x[:, None].double() - centroids[None].double()) ** 2).sum(-1)
+        assert labels.tolist() == d.argmin(1).tolist() and set(labels.tolist()) <= {0, 1, 2}
+
+
 def test_kmeans_never_returns_an_empty_cluster_even_from_a_bad_start():
     x, _ = blobs(n_per=50, k=4)
     far = torch.full((20, x.shape[1]), 100.0)  # every centroid at the same far point: all but one empty
