@@ -246,6 +246,7 @@ def test_sobel_equals_the_official_grayscale_then_sobel_convolutions():
     ("alexnet", 224, "relu5", True, 9216),
     ("lenet5", 28, "conv2", False, 1600),  # the Deep Dive author's Conv-2 probe size for Fashion-MNIST
     ("alexnet-small", 32, "relu5", False, 128 * 9 * 9), ("lenet5", 32, "output", False, 84),
+    ("alexnet-deepdive", 224, "relu5", True, 9216),  # the author's features_size for relu_5 (Appendix A)
 ])
 def test_probe_layer_sizes(backbone, size, layer, avgpool, dim):
     args = deepcluster.parse_args(["--dataset", "synthetic", "--backbone", backbone, "--probe-layer", layer])
@@ -284,6 +285,11 @@ def test_defaults_follow_the_papers():
     assert (a.kmeans_iters, a.kmeans_init, a.balance, a.reassign,
             a.halt_clustering) == (20, "random", "sampler", 1.0, None)
     assert deepcluster.parse_args(["--dataset", "imagefolder", "--k", "300"]).num_clusters == 300
+    a = deepcluster.parse_args(["--dataset", "cifar10-appendix-a"])  # Appendix A's text
+    assert (a.lr, a.momentum, a.weight_decay, a.num_clusters, a.pca_dim, a.batch_size, a.sobel) == \
+        (0.05, 0.9, 1e-5, 2000, 256, 256, True)
+    assert (a.backbone, a.image_size, a.cycles, a.probe_layer, a.probe_avgpool, a.probe_epochs) == \
+        ("alexnet-deepdive", 224, 100, "relu5", True, 30)  # the author's jobs/CIFAR10/cifar_pca/cifar.py
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -304,6 +310,7 @@ def test_defaults_follow_the_papers():
     (["--dataset", "synthetic", "--pca-dim", "-1"], "argument --pca-dim: '-1' is not an integer >= 0"),
     (["--dataset", "synthetic", "--probe-layer", "output", "--probe-avgpool"], "has no spatial dimensions"),
     (["--dataset", "synthetic", "--balance", "equal"], "invalid choice"),
+    (["--dataset", "imagenet", "--image-size", "128"], "--image-size is for datasets held in memory"),
 ])
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -326,6 +333,8 @@ BASE = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
     (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"],
      "cifar10 (train split) not found"),
     (["--resume", "{tmp}/nothing"], "cannot read args.json"),
+    ([*BASE, "--backbone", "alexnet-deepdive", "--image-size", "48"],
+     "alexnet-deepdive needs images of at least 63 px, not 48"),
 ])
 def test_runtime_user_errors_exit_2_and_create_no_run(flags, message, tmp_path, capsys):
     flags = [f.format(tmp=tmp_path) for f in flags]
@@ -406,3 +415,26 @@ def test_halting_keeps_the_last_pseudo_labels(first_cycles):
     labels = torch.load(run_dir / "checkpoint.pt", weights_only=False)["objects"]["labels"]
     truth = common.load_dataset("synthetic", "train").labels
     assert common.nmi(labels, truth) == metrics[1]["nmi_gt"] == read_json(run_dir / "final.json")["nmi_gt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The Deep Dive's Appendix A recipe, end to end on synthetic images saved as CIFAR-10
+# ------------------------------------------------------------------------------------------------
+def test_appendix_a_recipe_runs_end_to_end(tmp_path):
+    """--dataset cifar10-appendix-a as given, but 64 px instead of 224, 2 cycles halted after the first,
+    k 10 and a 1-epoch probe, on 300 + 100 synthetic images (32 px, 10 classes) saved as CIFAR-10: the
+    AlexNet, upscaling, halting, the pooled relu5 probe and the final k-means with K = 10 all run."""
+    for split, n in (("train", 300), ("test", 100)):
+        data = common.load_dataset("synthetic", split)
+        torch.save({"images": data.images[:n], "labels": data.labels[:n]}, tmp_path / f"cifar10-{split}.pt")
+    flags = ["--dataset", "cifar10-appendix-a", "--data-dir", tmp_path, "--device", "cpu", "--out-dir",
+             tmp_path / "run", "--image-size", "64", "--cycles", "2", "--halt-clustering", "1",
+             "--num-clusters", "10", "--probe-epochs", "1"]
+    result = run_script("deepcluster.py", flags, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    args, final = read_json(tmp_path / "run" / "args.json"), read_json(tmp_path / "run" / "final.json")
+    recipe = ("backbone", "lr", "batch_size", "pca_dim", "random_resized_crop")
+    assert [args[k] for k in recipe] == ["alexnet-deepdive", 0.05, 256, 256, True]
+    assert ["cluster_seconds" in m for m in read_metrics(tmp_path / "run")] == [True, False]
+    assert 0 < final["probe_test_acc"] <= 1 and 0 <= final["nmi"] <= 1 and -1 <= final["ari"] <= 1
+    assert final["acc"] >= 0.1  # the best matching of 10 clusters to 10 classes beats their average, N / 10
