@@ -339,8 +339,9 @@ def kmeans(x, k, iters=20, init="random", seed=0, chunk_elements=None):
     all points are used (max_points_per_centroid is huge there). `init` is "random", "kmeans++" or a
     (k, d) tensor. Returns labels (N,), centroids (k, d), inertia sum_i ||x_i - c_{y_i}||^2."""
     x = x.float()
-    # GPU: few big matmuls; CPU: blocks of 4 MB (benchmarks/deepcluster.md, k-means on the CPU)
-    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 20)
+    # GPU: few big matmuls; CPU: blocks of 8 MB, a few per pass: fewer parallel regions, which cost
+    # much on a busy machine (benchmarks/deepcluster.md, k-means on the CPU)
+    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 21)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     centroids = init_centroids(x, k, init, generator)
     for it in range(iters + 1):
