@@ -16,6 +16,8 @@ Reproduce: python deepcluster.py --dataset fashion-mnist        (Deep Dive: LeNe
            python deepcluster.py --dataset fashion-mnist --ia-seeds 100   (IA distribution, Fig. 3a)
   paper: accuracies in figures only; IA for k = 5 in 0.37-0.41. here (2-core CPU): Conv-2 probe
   85.2 % in 7 min (untrained LeNet-5: 86.4 %); IA median 0.433 over 100 seeds. See benchmarks/deepcluster.md.
+           python deepcluster.py --dataset cifar10-appendix-a --compile   (Appendix A: AlexNet, 224 px)
+  paper: 65.47 % after 100 cycles (Table A.2, PCA 256); here: not run yet (needs a GPU).
 
 Deviations (each a flag where it is a choice):
   - k-means in torch (not faiss); an empty cluster is re-seeded by splitting a cluster drawn with
@@ -25,6 +27,7 @@ Deviations (each a flag where it is a choice):
   - --reassign R trains on int(R * N) images per cycle; the last incomplete batch is dropped
   - probe (eval_linear.py): single-crop test (official: 10 crops), weight decay 1e-4 (eval_linear.sh: 1e-7)
   - Fashion-MNIST stays 28 px with a flip (paper text); the author's code: --random-resized-crop --no-flip
+  - Appendix A: k-means from k random points (official code; the author: scikit-learn's k-means++)
 """
 import argparse
 import math
@@ -97,8 +100,9 @@ def parse_args(argv=None):
     dataset = common.peek_dataset(argv, "cifar10")
     p = common.ArgumentParser(
         description="DeepCluster (Caron et al., 2018) with the Deep Dive's Initial Alignment and halting.",
-        epilog=f"Defaults shown are those of --dataset {dataset}: the Deep Dive's Table 1 and Sec. 3.3, "
-        "or the official code; `--dataset NAME --help` shows another row. " + common.resume_epilog(RESUMABLE))
+        epilog=f"Defaults shown are those of --dataset {dataset}: the Deep Dive's Table 1 and Sec. 3.3 "
+        "(cifar10-appendix-a: its Appendix A and the author's code), or the official code; "
+        "`--dataset NAME --help` shows another row. " + common.resume_epilog(RESUMABLE))
     b = argparse.BooleanOptionalAction
     p.add_argument("--dataset", default="cifar10",
                    help="fashion-mnist, svhn, cifar10 (the Deep Dive), cifar10-appendix-a (CIFAR-10 with the "
@@ -628,7 +632,8 @@ def evaluate(raw_model, data, labels, probe_train, probe_test, augment, prepare,
                 u8 = common.horizontal_flip(common.random_crop(u8, 224))
             elif args.image_size:
                 x = common.random_crop(upscale(common.to_float(u8), args.image_size), args.image_size)
-                return common.normalize(common.horizontal_flip(x), probe_train.mean, probe_train.std)
+                x = common.normalize(common.horizontal_flip(x), probe_train.mean, probe_train.std)
+                return x.contiguous(memory_format=common.memory_format(device))
             return prepare(u8)
         result.update(eval_linear_probe(raw_model, probe_train, probe_test, probe_augment, prepare, args,
                                         device))

@@ -15,7 +15,7 @@ not a tie). Target: under 0.15 s per iteration on one H100.
 CPU: the same clustering as scikit-learn's KMeans (Lloyd, n_init 1, tol 0, 20 iterations) on the same
 features: (a) from the same initial centroids (k random points), where the two must agree, and (b)
 each with its own k-means++ over --seeds seeds. Features: CIFAR-10 through a random Sobel
-alexnet-small, PCA-whitened to 256 and L2-normalised (the Deep Dive's CIFAR-10 pipeline; needs
+alexnet-small, PCA-whitened to --dim and L2-normalised (the Deep Dive's CIFAR-10 pipeline; needs
 cifar10 under --data-dir), or --source random (a Gaussian mixture). scikit-learn is needed for this
 part only (`pip install scikit-learn`); it is not a dependency of the project.
 
@@ -23,10 +23,13 @@ CPU, --against faiss: the time of the whole clustering as the official clusterin
 faiss-cpu (faiss.Clustering with all points, --iters iterations from the same initial centroids as ours,
 then index.search for the final labels: --iters + 1 assignments, as `deepcluster.kmeans`), divided by
 --iters; ours and faiss alternate --repeats times and the ratio is of the medians. Also the share of
-points both put in the same cluster. Threads: both follow OMP_NUM_THREADS (set it). faiss is needed for
-this part only (`pip install faiss-cpu`); it is not a dependency of the project.
+points both put in the same cluster. --before FILE adds an older deepcluster.py's k-means to the
+rotation (`git show REV:deepcluster.py > FILE`) and checks that it gives the same labels and centroids.
+Threads: both follow OMP_NUM_THREADS (set it). faiss is needed for this part only (`pip install
+faiss-cpu`); it is not a dependency of the project.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -134,7 +137,12 @@ def faiss_benchmark(args):
         clus.train(xn, index)
         return torch.from_numpy(index.search(xn, 1)[1][:, 0])
 
-    runs = {"ours": lambda: deepcluster.kmeans(x, args.k, args.iters, init=init)[0], "faiss": run_faiss}
+    runs = {"ours": lambda: deepcluster.kmeans(x, args.k, args.iters, init=init), "faiss": run_faiss}
+    if args.before:
+        spec = importlib.util.spec_from_file_location("deepcluster_before", args.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        runs["before"] = lambda: before.kmeans(x, args.k, args.iters, init=init)
     seconds, labels = {name: [] for name in runs}, {}
     for _ in range(args.repeats):
         for name, fn in runs.items():
@@ -146,7 +154,14 @@ def faiss_benchmark(args):
         result[f"{name}_runs_seconds"] = times
     result["time_ratio_ours_to_faiss"] = (result["ours_seconds_per_iteration"]
                                           / result["faiss_seconds_per_iteration"])
-    result["same_cluster_as_faiss"] = (labels["ours"] == labels["faiss"]).double().mean().item()
+    result["same_cluster_as_faiss"] = (labels["ours"][0] == labels["faiss"]).double().mean().item()
+    if args.before:
+        result["time_ratio_ours_to_before"] = (result["ours_seconds_per_iteration"]
+                                               / result["before_seconds_per_iteration"])
+        result["time_ratio_before_to_faiss"] = (result["before_seconds_per_iteration"]
+                                                / result["faiss_seconds_per_iteration"])
+        result["same_labels_and_centroids_as_before"] = all(
+            torch.equal(a, b) for a, b in zip(labels["ours"][:2], labels["before"][:2]))
     return result
 
 
@@ -198,6 +213,8 @@ def main():
                    help="CPU: features to cluster")
     p.add_argument("--against", choices=["sklearn", "faiss"], default="sklearn",
                    help="CPU: compare with scikit-learn's KMeans (inertia and time) or faiss-cpu (time)")
+    p.add_argument("--before", metavar="FILE",
+                   help="CPU --against faiss: also time the k-means of this older deepcluster.py")
     p.add_argument("--seeds", type=int, default=3, help="CPU --against sklearn: repetitions")
     p.add_argument("--cache", help="CPU --source cifar10: read the features from this file if it exists, "
                    "else save them there (the network's pass takes minutes on a CPU)")
