@@ -933,6 +933,23 @@ def alexnet_small(in_channels=3):
     return ConvNet(features, classifier, 2048)
 
 
+def alexnet_deepdive(in_channels=3, image_size=224):
+    """The AlexNet of the Deep Dive's Appendix A, the author's AlexNet_Small (DeepClusterImplementation,
+    deep_clustering_models.py), run on CIFAR-10 upscaled to 224 px: the original AlexNet's
+    convolutions, 64 (11x11, stride 4, pad 2), 192 (5x5, pad 2), 384, 256, 256 (3x3), each with BN,
+    max-pools 3/2 after conv 1, 2 and 5; dropout 0.5, fc 2048, ReLU, dropout 0.5, fc 2048. Returns the
+    last fc before its ReLU. `image_size` sets the fc input (256 x 6 x 6 at 224); at least 63 px."""
+    side = ((image_size + 4 - 11) // 4 + 1 - 3) // 2 + 1  # conv 1, pool 1; conv 2 keeps the side
+    side = ((side - 3) // 2 + 1 - 3) // 2 + 1  # pool 2; conv 3-5 keep it; pool 3
+    if side < 1:
+        raise Abort(f"alexnet-deepdive needs images of at least 63 px, not {image_size}")
+    features = _conv_stack(in_channels, [(64, 11, 4, 2), "M3,2", (192, 5, 1, 2), "M3,2",
+                                         384, 256, 256, "M3,2"])
+    classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * side * side, 2048), nn.ReLU(inplace=True),
+                               nn.Dropout(0.5), nn.Linear(2048, 2048))
+    return ConvNet(features, classifier, 2048)
+
+
 def lenet5(in_channels=1, image_size=28):
     """LeNet-5 with BatchNorm: 28x28 images have their first convolution padded by 2, which makes
     them the 32x32 input of the original LeNet-5; fc 120 -> 84, returns fc 84 before its ReLU."""
@@ -978,6 +995,7 @@ BACKBONES = {  # name: builder(in_channels, shortcut, width, image_size)
     "resnet50-imagenet": lambda c, s, w, i: _torchvision_resnet50(),
     "alexnet": lambda c, s, w, i: alexnet(c),
     "alexnet-small": lambda c, s, w, i: alexnet_small(c),
+    "alexnet-deepdive": lambda c, s, w, i: alexnet_deepdive(c, i or 224),
     "lenet5": lambda c, s, w, i: lenet5(c, i or 28),
     "vit-s16": lambda c, s, w, i: _vit(224, 16),
     "vit-s4-32": lambda c, s, w, i: _vit(32, 4),

@@ -16,6 +16,8 @@ Reproduce: python deepcluster.py --dataset fashion-mnist        (Deep Dive: LeNe
            python deepcluster.py --dataset fashion-mnist --ia-seeds 100   (IA distribution, Fig. 3a)
   paper: accuracies in figures only; IA for k = 5 in 0.37-0.41. here (2-core CPU): Conv-2 probe
   85.2 % in 7 min (untrained LeNet-5: 86.4 %); IA median 0.433 over 100 seeds. See benchmarks/deepcluster.md.
+           python deepcluster.py --dataset cifar10-appendix-a --compile   (Appendix A: AlexNet, 224 px)
+  paper: 65.47 % after 100 cycles (Table A.2, PCA 256); here: not run yet (needs a GPU).
 
 Deviations (each a flag where it is a choice):
   - k-means in torch (not faiss); an empty cluster is re-seeded by splitting a cluster drawn with
@@ -25,6 +27,7 @@ Deviations (each a flag where it is a choice):
   - --reassign R trains on int(R * N) images per cycle; the last incomplete batch is dropped
   - probe (eval_linear.py): single-crop test (official: 10 crops), weight decay 1e-4 (eval_linear.sh: 1e-7)
   - Fashion-MNIST stays 28 px with a flip (paper text); the author's code: --random-resized-crop --no-flip
+  - Appendix A: k-means from k random points (official code; the author: scikit-learn's k-means++)
 """
 import argparse
 import math
@@ -56,6 +59,15 @@ PAPER_DEFAULTS = {
     "cifar10": dict(backbone="alexnet-small", sobel=True, lr=0.1, weight_decay=1e-3, momentum=0.9,
                     batch_size=64, cycles=100, pca_dim=256, num_clusters=1000, probe_layer="relu5",
                     probe_epochs=20, probe_avgpool=False),
+    # Appendix A, "CIFAR10 using AlexNet" (Tables A.1, A.2): its text's lr, momentum, weight decay, k, PCA,
+    # batch, BN and Sobel; the rest from the author's job behind Table A.2 (jobs/CIFAR10/cifar_pca/cifar.py):
+    # AlexNet_Small on CIFAR-10 upscaled to 224 px (Resize 256 + CenterCrop 224 to cluster,
+    # RandomResizedCrop 224 + flip to train), 100 cycles, probe on relu_5 average-pooled to 9216, 30 epochs.
+    # Table A.1's halting runs (cifar_with_halt/cifar.py) ran 150 cycles: --cycles 150 --halt-clustering H.
+    "cifar10-appendix-a": dict(backbone="alexnet-deepdive", sobel=True, lr=0.05, weight_decay=1e-5,
+                               momentum=0.9, batch_size=256, cycles=100, pca_dim=256, num_clusters=2000,
+                               probe_layer="relu5", probe_epochs=30, probe_avgpool=True,
+                               random_resized_crop=True, image_size=224),
     "imagenet": dict(backbone="alexnet", sobel=True, lr=0.05, weight_decay=1e-5, momentum=0.9,
                      batch_size=256, cycles=500, pca_dim=256, num_clusters=10000, probe_layer="relu3",
                      probe_epochs=90, probe_avgpool=True, random_resized_crop=True),
@@ -65,14 +77,16 @@ PAPER_DEFAULTS = {
                       probe_epochs=10, probe_avgpool=False),
 }
 PAPER_DEFAULTS["imagefolder"] = PAPER_DEFAULTS["imagenet"]
+DATA = {"imagenet": "imagefolder", "cifar10-appendix-a": "cifar10"}  # the rows whose data has another name
 # Settings of the official code shared by every dataset: clustering.py (faiss k-means, 20 iterations,
 # random initial centroids), main.py (uniform sampling over clusters, --reassign 1), eval_linear.py.
 SHARED_DEFAULTS = dict(kmeans_iters=20, kmeans_init="random", balance="sampler", reassign=1.0, flip=True,
-                       random_resized_crop=False, width=64, probe_lr=0.01, probe_momentum=0.9,
+                       random_resized_crop=False, image_size=0, width=64, probe_lr=0.01, probe_momentum=0.9,
                        probe_weight_decay=1e-4, probe_batch_size=256)
 # common.build_backbone's feature sizes; the CIFAR ResNet-18's is 8 x its --width
-FEATURE_DIMS = {"alexnet": 4096, "alexnet-small": 2048, "lenet5": 84, "resnet18": None}
-CONV_LAYERS = {"alexnet": 5, "alexnet-small": 5, "lenet5": 2, "resnet18": 0}
+FEATURE_DIMS = {"alexnet": 4096, "alexnet-small": 2048, "alexnet-deepdive": 2048, "lenet5": 84,
+                "resnet18": None}
+CONV_LAYERS = {"alexnet": 5, "alexnet-small": 5, "alexnet-deepdive": 5, "lenet5": 2, "resnet18": 0}
 # eval_linear.py's RegLog: AvgPool2d(kernel, stride, padding) that brings AlexNet conv n to ~9k features
 OFFICIAL_PROBE_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
 # Flags that may change on --resume: extend the cycles, lower the learning rate after a divergence.
@@ -86,19 +100,22 @@ def parse_args(argv=None):
     dataset = common.peek_dataset(argv, "cifar10")
     p = common.ArgumentParser(
         description="DeepCluster (Caron et al., 2018) with the Deep Dive's Initial Alignment and halting.",
-        epilog=f"Defaults shown are those of --dataset {dataset}: the Deep Dive's Table 1 and Sec. 3.3, "
-        "or the official code; `--dataset NAME --help` shows another row. " + common.resume_epilog(RESUMABLE))
+        epilog=f"Defaults shown are those of --dataset {dataset}: the Deep Dive's Table 1 and Sec. 3.3 "
+        "(cifar10-appendix-a: its Appendix A and the author's code), or the official code; "
+        "`--dataset NAME --help` shows another row. " + common.resume_epilog(RESUMABLE))
     b = argparse.BooleanOptionalAction
     p.add_argument("--dataset", default="cifar10",
-                   help="fashion-mnist, svhn, cifar10 (the Deep Dive), imagenet or imagefolder (the original "
+                   help="fashion-mnist, svhn, cifar10 (the Deep Dive), cifar10-appendix-a (CIFAR-10 with the "
+                   "Deep Dive's Appendix A recipe: AlexNet at 224 px), imagenet or imagefolder (the original "
                    "recipe on a folder of class folders), synthetic (CPU demo)")
     p.add_argument("--data-dir", default=common.default_data_dir(),
                    help="dataset folder (default: $DATA_DIR, else ./data)")
     g = p.add_argument_group("DeepCluster (the Deep Dive's Table 1 / the official main.sh)")
     g.add_argument("--backbone", choices=list(FEATURE_DIMS),
                    help="alexnet: BN AlexNet, 224 px (official); alexnet-small: the Deep Dive's 32 px "
-                   "AlexNet; lenet5: the Deep Dive's Fashion-MNIST network; resnet18: CIFAR ResNet-18 "
-                   "(not in the papers)")
+                   "AlexNet; alexnet-deepdive: its Appendix A AlexNet (the author's AlexNet_Small: convs 64, "
+                   "192, 384, 256, 256, fc 2048, for 224 px); lenet5: the Deep Dive's Fashion-MNIST network; "
+                   "resnet18: CIFAR ResNet-18 (not in the papers)")
     g.add_argument("--width", type=common.positive_int, help="ResNet-18 stem width (not in the papers)")
     g.add_argument("--sobel", action=b, help="fixed grayscale + Sobel front-end (official code)")
     g.add_argument("--cycles", type=common.non_negative_int,
@@ -129,6 +146,10 @@ def parse_args(argv=None):
     g.add_argument("--random-resized-crop", action=b,
                    help="RandomResizedCrop(0.08-1) in training: the official ImageNet code, and the Deep "
                    "Dive author's code (without flip), not its text")
+    g.add_argument("--image-size", type=common.non_negative_int,
+                   help="upscale the images to this side: bilinear to 8/7 of it, then a centre crop to "
+                   "cluster and test, a random one for the probe's training (the Deep Dive author's Resize "
+                   "256 + CenterCrop 224 for Appendix A); 0 = the dataset's own size")
     g = p.add_argument_group("linear probe at the end (eval_linear.py's protocol)")
     g.add_argument("--probe-layer", help="reluN (after the N-th conv's ReLU; the Deep Dive's ReLU-5), "
                    "convN (the N-th convolution's output; its Conv-2 of LeNet-5) or output (the features)")
@@ -169,6 +190,8 @@ def check_args(p, args):
                 f"reluN with N <= {CONV_LAYERS[args.backbone]}")
     if args.probe_avgpool and args.probe_layer == "output":
         p.error("--probe-avgpool pools a conv layer; --probe-layer output has no spatial dimensions")
+    if args.image_size and DATA.get(args.dataset) == "imagefolder":
+        p.error("--image-size is for datasets held in memory; folder images are resized by the loader")
 
 
 # ================================================================================================
@@ -210,7 +233,7 @@ class DeepClusterNet(nn.Module):
 
 def build_model(args, channels, image_side):
     backbone = common.build_backbone(args.backbone, 2 if args.sobel else channels, width=args.width,
-                                     image_size=image_side)
+                                     image_size=args.image_size or image_side)
     return DeepClusterNet(backbone, args.num_clusters, channels if args.sobel else 0)
 
 
@@ -254,11 +277,29 @@ def preprocess(features, pca_dim):
 
 
 def assign(x, centroids, chunk_elements):
-    """argmin_j ||x_i - c_j||^2 = argmin_j (||c_j||^2 - 2 x_i.c_j), by row chunks of x (float32; the
-    matmul in TF32 on CUDA when the process allows it, as common.setup_device does)."""
-    c_sq = (centroids ** 2).sum(1)
-    rows = max(1, chunk_elements // len(centroids))
-    return torch.cat([torch.addmm(c_sq, xb, centroids.T, alpha=-2).argmin(1) for xb in x.split(rows)])
+    """The nearest centroid of each row of x: argmin_j ||x_i - c_j||^2 = argmin_j (||c_j||^2 - 2 x_i.c_j),
+    one block of rows (about `chunk_elements` distances) at a time. x: float32 (N, d), centroids:
+    float32 (k, d); returns int64 (N,), the first index among tied minima.
+    CUDA: argmin of each (rows, k) block (the matmul in TF32 when the process allows it, as
+    common.setup_device does). CPU: torch's argmin is a scalar loop that costs as much as the matmul,
+    so each block is computed transposed, s = 2 C x_b^T - ||c||^2 of shape (k, rows) (the negated
+    distances, bit for bit: scaling by +-2 is exact and rounding is symmetric), and its argmax over k
+    is a channels-last max_pool2d, vectorised across the rows (strict >, so also the first index)."""
+    if x.is_cuda:
+        c_sq = (centroids ** 2).sum(1)
+        rows = max(1, chunk_elements // len(centroids))
+        return torch.cat([torch.addmm(c_sq, xb, centroids.T, alpha=-2).argmin(1) for xb in x.split(rows)])
+    k = len(centroids)
+    neg_c_sq = -(centroids ** 2).sum(1, keepdim=True)
+    rows = max(1, chunk_elements // k)
+    labels, scores = x.new_empty(len(x), dtype=torch.long), x.new_empty(k, min(rows, len(x)))
+    for start in range(0, len(x), rows):
+        xb = x[start:start + rows]
+        s = torch.addmm(neg_c_sq, centroids, xb.T, alpha=2, out=scores[:, :len(xb)])
+        # (k, rows) seen as a (1, rows, 1, k) image, channels last: one max over its k pixels per channel
+        _, best = F.max_pool2d(s[None, None].permute(0, 3, 1, 2), (1, k), return_indices=True)
+        labels[start:start + len(xb)] = best.view(-1)
+    return labels
 
 
 def split_empty_clusters(x, labels, centroids, generator):
@@ -302,8 +343,9 @@ def kmeans(x, k, iters=20, init="random", seed=0, chunk_elements=None):
     all points are used (max_points_per_centroid is huge there). `init` is "random", "kmeans++" or a
     (k, d) tensor. Returns labels (N,), centroids (k, d), inertia sum_i ||x_i - c_{y_i}||^2."""
     x = x.float()
-    # GPU: few big matmuls; CPU: cache-sized
-    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 22)
+    # GPU: few big matmuls; CPU: blocks of 8 MB, a few per pass: fewer parallel regions, which cost
+    # much on a busy machine (benchmarks/deepcluster.md, k-means on the CPU)
+    chunk_elements = chunk_elements or 2 ** (27 if x.is_cuda else 21)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     centroids = init_centroids(x, k, init, generator)
     for it in range(iters + 1):
@@ -314,7 +356,7 @@ def kmeans(x, k, iters=20, init="random", seed=0, chunk_elements=None):
         counts = torch.bincount(labels, minlength=k).unsqueeze(1)
         centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / counts
     rows = max(1, chunk_elements // x.shape[1])
-    inertia = sum(((xb - centroids[yb]) ** 2).sum().item()
+    inertia = sum(((xb - centroids[yb]) ** 2).sum(dtype=torch.float64).item()  # the same for any block size
                   for xb, yb in zip(x.split(rows), labels.split(rows)))
     return labels, centroids, inertia
 
@@ -388,7 +430,7 @@ def load_data(args, device):
     """The training images, the probe's training and test splits (loaded now, so that a missing
     test split is found before the cycles, not after them), their channels and side. Sizes are
     checked here, before a run directory exists."""
-    name = "imagefolder" if args.dataset in ("imagenet", "imagefolder") else args.dataset
+    name = DATA.get(args.dataset, args.dataset)
     data = common.load_dataset(name, "train", args.data_dir, device)
     n = len(data)
     for k in [args.num_clusters, *args.ia_k]:
@@ -411,19 +453,35 @@ def load_data(args, device):
     return data, probe_train, probe_test, channels, side
 
 
+def upscale(x, size):
+    """float (B, C, s, s) -> (B, C, 8 size / 7, 8 size / 7), bilinear: the author's Resize(256) before
+    its 224 crops."""
+    return F.interpolate(x, size=size * 8 // 7, mode="bilinear", align_corners=False)
+
+
+def center_crop(x, size):
+    top = (x.shape[-1] - size) // 2
+    return x[..., top:top + size, top:top + size]
+
+
 def make_transforms(args, data, device):
     """uint8 batch -> normalised float batch: `prepare` for the clustering pass (deterministic; folder
-    images are Resize + CenterCrop'ed by the loader), `augment` for training: + RandomResizedCrop (done
-    by the loader's workers for folder images) and random flip."""
+    images are Resize + CenterCrop'ed by the loader, --image-size ones here), `augment` for training: +
+    RandomResizedCrop to the image size (done by the loader's workers for folder images) and random flip."""
     memory = common.memory_format(device)
     crop_here = args.random_resized_crop and isinstance(data, common.TensorImages)
 
     def prepare(x):
-        return common.normalize(common.to_float(x), data.mean, data.std).contiguous(memory_format=memory)
+        x = common.to_float(x)
+        x = center_crop(upscale(x, args.image_size), args.image_size) if args.image_size else x
+        return common.normalize(x, data.mean, data.std).contiguous(memory_format=memory)
 
     def augment(x):
         x = common.to_float(x)
-        x = common.random_resized_crop(x, x.shape[-1]) if crop_here else x
+        if crop_here:
+            x = common.random_resized_crop(x, args.image_size or x.shape[-1])
+        elif args.image_size:
+            x = center_crop(upscale(x, args.image_size), args.image_size)
         x = common.horizontal_flip(x) if args.flip else x
         return common.normalize(x, data.mean, data.std).contiguous(memory_format=memory)
 
@@ -550,13 +608,32 @@ def train_one_epoch(model, optimizer, data, augment, args, epoch, run, device, l
 # ================================================================================================
 # Evaluation
 # ================================================================================================
+def kmeans_on_classes(model, data, prepare, args):
+    """ACC / NMI / ARI of k-means with K = the number of classes on the training images' learned features,
+    preprocessed as `cluster` does (PCA-whitened, L2-normalised): the clustering scores LSD-C reports,
+    so that DeepCluster sits in the same results table."""
+    features, _ = common.extract_features(model.eval().features, data, prepare, args.eval_batch_size,
+                                          args.amp)
+    labels = kmeans(preprocess(features, args.pca_dim), data.num_classes, args.kmeans_iters, args.kmeans_init,
+                    cycle_seed(args.seed, args.cycles, 0))[0]  # a seed no training cycle used
+    scores = common.clustering_metrics(labels, data.labels, data.num_classes, data.num_classes)
+    return {key: scores[key] for key in ("acc", "nmi", "ari")}
+
+
 def evaluate(raw_model, data, labels, probe_train, probe_test, augment, prepare, args, device):
-    """NMI of the last pseudo-labels with the ground truth, and the linear probe's accuracies."""
+    """NMI of the last pseudo-labels with the ground truth, k-means with K = the classes on the learned
+    features, and the linear probe's accuracies."""
     result = assignment_nmis(labels, None, data.labels) if bool((labels >= 0).all()) else {}
+    if bool((data.labels >= 0).any()):
+        result.update(kmeans_on_classes(raw_model, data, prepare, args))
     if args.probe_epochs:
-        def probe_augment(u8):  # eval_linear.py on ImageNet: a random 224 crop of 256, flip; else none
-            if args.dataset in ("imagenet", "imagefolder"):
+        def probe_augment(u8):  # eval_linear.py: a random 224 crop of 256, flip; the author's for
+            if args.dataset in ("imagenet", "imagefolder"):  # Appendix A: the same of its upscaled images
                 u8 = common.horizontal_flip(common.random_crop(u8, 224))
+            elif args.image_size:
+                x = common.random_crop(upscale(common.to_float(u8), args.image_size), args.image_size)
+                x = common.normalize(common.horizontal_flip(x), probe_train.mean, probe_train.std)
+                return x.contiguous(memory_format=common.memory_format(device))
             return prepare(u8)
         result.update(eval_linear_probe(raw_model, probe_train, probe_test, probe_augment, prepare, args,
                                         device))

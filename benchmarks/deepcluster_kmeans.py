@@ -2,6 +2,7 @@
 
     python benchmarks/deepcluster_kmeans.py --device cuda   # one iteration, 1.28M x 256, k = 10,000
     python benchmarks/deepcluster_kmeans.py --device cpu    # against scikit-learn's KMeans
+    OMP_NUM_THREADS=1 python benchmarks/deepcluster_kmeans.py --device cpu --against faiss --dim 128 --k 100
 
 GPU: DeepCluster's ImageNet clustering size (1.28M L2-normalised 256-d features, k = 10,000). The
 time of one iteration (assign every point + move the centroids + empty-cluster check) is
@@ -14,11 +15,21 @@ not a tie). Target: under 0.15 s per iteration on one H100.
 CPU: the same clustering as scikit-learn's KMeans (Lloyd, n_init 1, tol 0, 20 iterations) on the same
 features: (a) from the same initial centroids (k random points), where the two must agree, and (b)
 each with its own k-means++ over --seeds seeds. Features: CIFAR-10 through a random Sobel
-alexnet-small, PCA-whitened to 256 and L2-normalised (the Deep Dive's CIFAR-10 pipeline; needs
+alexnet-small, PCA-whitened to --dim and L2-normalised (the Deep Dive's CIFAR-10 pipeline; needs
 cifar10 under --data-dir), or --source random (a Gaussian mixture). scikit-learn is needed for this
 part only (`pip install scikit-learn`); it is not a dependency of the project.
+
+CPU, --against faiss: the time of the whole clustering as the official clustering.py runs it with
+faiss-cpu (faiss.Clustering with all points, --iters iterations from the same initial centroids as ours,
+then index.search for the final labels: --iters + 1 assignments, as `deepcluster.kmeans`), divided by
+--iters; ours and faiss alternate --repeats times and the ratio is of the medians. Also the share of
+points both put in the same cluster. --before FILE adds an older deepcluster.py's k-means to the
+rotation (`git show REV:deepcluster.py > FILE`) and checks that it gives the same labels and centroids.
+Threads: both follow OMP_NUM_THREADS (set it). faiss is needed for this part only (`pip install
+faiss-cpu`); it is not a dependency of the project.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -81,17 +92,26 @@ def gpu_benchmark(args, device):
 
 
 def cifar10_features(args):
+    """CIFAR-10's training images through a random Sobel alexnet-small, PCA-whitened to --dim and
+    L2-normalised: float32 (50000, dim). Read from --cache when that file exists, else saved there."""
+    if args.cache and os.path.exists(args.cache):
+        x = torch.load(args.cache)
+        if x.shape[1] != args.dim:
+            sys.exit(f"{args.cache} holds {x.shape[1]}-d features, not --dim {args.dim}")
+        return x
     data = common.load_dataset("cifar10", "train", args.data_dir, "cpu")
     parser_args = deepcluster.parse_args(["--dataset", "cifar10"])
     torch.manual_seed(0)
     model = deepcluster.build_model(parser_args, 3, 32).eval()
     _, prepare = deepcluster.make_transforms(parser_args, data, torch.device("cpu"))
     features, _ = common.extract_features(model.features, data, prepare, parser_args.eval_batch_size)
-    return deepcluster.preprocess(features, 256)
+    x = deepcluster.preprocess(features, args.dim)
+    if args.cache:
+        torch.save(x, args.cache)
+    return x
 
 
-def cpu_benchmark(args):
-    from sklearn.cluster import KMeans
+def cpu_features(args):
     t = time.perf_counter()
     if args.source == "cifar10":
         x = cifar10_features(args)
@@ -99,6 +119,55 @@ def cpu_benchmark(args):
         x = mixture(args.n, args.dim, args.k, torch.device("cpu"))
     result = {"source": args.source, "n": len(x), "dim": x.shape[1], "k": args.k, "iters": args.iters,
               "feature_seconds": time.perf_counter() - t, "threads": torch.get_num_threads()}
+    return x, result
+
+
+def faiss_benchmark(args):
+    import faiss
+    x, result = cpu_features(args)
+    result.update(faiss=faiss.__version__, faiss_threads=faiss.omp_get_max_threads(), repeats=args.repeats)
+    init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:args.k]]
+    xn = x.numpy()
+
+    def run_faiss():  # clustering.py's run_kmeans, from our initial centroids
+        clus = faiss.Clustering(x.shape[1], args.k)
+        clus.niter, clus.max_points_per_centroid = args.iters, len(x)
+        faiss.copy_array_to_vector(init.numpy().ravel(), clus.centroids)
+        index = faiss.IndexFlatL2(x.shape[1])
+        clus.train(xn, index)
+        return torch.from_numpy(index.search(xn, 1)[1][:, 0])
+
+    runs = {"ours": lambda: deepcluster.kmeans(x, args.k, args.iters, init=init), "faiss": run_faiss}
+    if args.before:
+        spec = importlib.util.spec_from_file_location("deepcluster_before", args.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        runs["before"] = lambda: before.kmeans(x, args.k, args.iters, init=init)
+    seconds, labels = {name: [] for name in runs}, {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            labels[name] = fn()
+            seconds[name].append(time.perf_counter() - t)
+    for name, times in seconds.items():
+        result[f"{name}_seconds_per_iteration"] = statistics.median(times) / args.iters
+        result[f"{name}_runs_seconds"] = times
+    result["time_ratio_ours_to_faiss"] = (result["ours_seconds_per_iteration"]
+                                          / result["faiss_seconds_per_iteration"])
+    result["same_cluster_as_faiss"] = (labels["ours"][0] == labels["faiss"]).double().mean().item()
+    if args.before:
+        result["time_ratio_ours_to_before"] = (result["ours_seconds_per_iteration"]
+                                               / result["before_seconds_per_iteration"])
+        result["time_ratio_before_to_faiss"] = (result["before_seconds_per_iteration"]
+                                                / result["faiss_seconds_per_iteration"])
+        result["same_labels_and_centroids_as_before"] = all(
+            torch.equal(a, b) for a, b in zip(labels["ours"][:2], labels["before"][:2]))
+    return result
+
+
+def cpu_benchmark(args):
+    from sklearn.cluster import KMeans
+    x, result = cpu_features(args)
     xn = x.numpy().astype(np.float32)
     rows = []
     for seed in range(args.seeds):
@@ -133,15 +202,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, help="points (GPU default 1,281,167; CPU --source random default 50,000)")
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--dim", type=int, default=256,
+                   help="feature dimension (CPU --source cifar10: the PCA dimension; the Deep Dive's is 256)")
     p.add_argument("--k", type=int,
                    help="clusters (GPU default 10,000; CPU default 1,000: the Deep Dive's CIFAR-10 k)")
     p.add_argument("--iters", type=int, default=20, help="CPU comparison: k-means iterations")
-    p.add_argument("--repeats", type=int, default=3, help="GPU: timed runs per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="GPU, --against faiss: timed runs per measurement")
     p.add_argument("--check-points", type=int, default=20000, help="GPU: points checked against float64")
     p.add_argument("--source", choices=["cifar10", "random"], default="cifar10",
                    help="CPU: features to cluster")
-    p.add_argument("--seeds", type=int, default=3, help="CPU: repetitions")
+    p.add_argument("--against", choices=["sklearn", "faiss"], default="sklearn",
+                   help="CPU: compare with scikit-learn's KMeans (inertia and time) or faiss-cpu (time)")
+    p.add_argument("--before", metavar="FILE",
+                   help="CPU --against faiss: also time the k-means of this older deepcluster.py")
+    p.add_argument("--seeds", type=int, default=3, help="CPU --against sklearn: repetitions")
+    p.add_argument("--cache", help="CPU --source cifar10: read the features from this file if it exists, "
+                   "else save them there (the network's pass takes minutes on a CPU)")
     p.add_argument("--data-dir", default=common.default_data_dir())
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
@@ -149,7 +225,8 @@ def main():
     gpu = device.type == "cuda"
     args.n = args.n or (1281167 if gpu else 50000)
     args.k = args.k or (10000 if gpu else 1000)
-    result = gpu_benchmark(args, device) if gpu else cpu_benchmark(args)
+    result = (gpu_benchmark(args, device) if gpu else
+              faiss_benchmark(args) if args.against == "faiss" else cpu_benchmark(args))
     result.update(torch=torch.__version__, command=" ".join(sys.argv))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if args.json:

@@ -53,6 +53,49 @@ def test_kmeans_matches_a_reference_lloyd_from_the_same_start(seed):
     assert inertia == pytest.approx(ref_inertia, rel=1e-4)
 
 
+def float64_lloyd_with_margins(x, init, iters):
+    """Textbook Lloyd in float64 numpy: the first and the last assignments, and the smallest gap, over
+    every point and step, between the nearest and the second-nearest centroid's squared distance."""
+    x, c = x.double().numpy(), init.double().numpy()
+    all_labels, gap = [], np.inf
+    for step in range(iters + 1):
+        d = ((x[:, None] - c[None]) ** 2).sum(-1)
+        all_labels.append(d.argmin(1))
+        two = np.partition(d, 1, axis=1)[:, :2]
+        gap = min(gap, (two[:, 1] - two[:, 0]).min())
+        if step < iters:
+            assert np.bincount(all_labels[-1], minlength=len(c)).min() > 0  # no empty cluster to re-seed
+            c = np.stack([x[all_labels[-1] == j].mean(0) for j in range(len(c))])
+    return all_labels[0], all_labels[-1], gap
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk_elements", [None, 30 * 7 + 3])
+def test_kmeans_gives_the_float64_assignments_from_the_same_start(seed, chunk_elements):
+    """Every assignment equal to float64 Lloyd's, on data whose nearest centroid is never a near-tie: the
+    reference's smallest gap is checked to be far above the float32 rounding of squared distances
+    (< 400 here: under 1e-3). 30 * 7 + 3 distances per block makes blocks of 7 rows with a partial
+    last one (CPU path); the default makes one block."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, 16, generator=g) * 3
+    x = centres[torch.randint(20, (1000,), generator=g)] + torch.randn(1000, 16, generator=g)
+    init = x[torch.randperm(1000, generator=g)[:30]]
+    labels, _, _ = deepcluster.kmeans(x, 30, iters=10, init=init, chunk_elements=chunk_elements)
+    first, last, gap = float64_lloyd_with_margins(x, init, 10)
+    assert gap > 1e-2 and (first != last).sum() > 50  # no near-tie, and many points move
+    assert (labels.numpy() == last).all()
+
+
+def test_assign_picks_the_first_of_tied_centroids():
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(1))
+    a, b = x[:2]
+    centroids = torch.stack([a + 10, a, b, a, b])  # 1 and 3, 2 and 4 are the same centroid
+    for chunk_elements in (5 * 3, 2 ** 20):
+        labels = deepcluster.assign(x, centroids, chunk_elements)
+        d = ((x[:, None].double() - centroids[None].double()) ** 2).sum(-1)
+        assert labels.tolist() == d.argmin(1).tolist() and set(labels.tolist()) <= {0, 1, 2}
+
+
 def test_kmeans_never_returns_an_empty_cluster_even_from_a_bad_start():
     x, _ = blobs(n_per=50, k=4)
     far = torch.full((20, x.shape[1]), 100.0)  # every centroid at the same far point: all but one empty
@@ -203,6 +246,7 @@ def test_sobel_equals_the_official_grayscale_then_sobel_convolutions():
     ("alexnet", 224, "relu5", True, 9216),
     ("lenet5", 28, "conv2", False, 1600),  # the Deep Dive author's Conv-2 probe size for Fashion-MNIST
     ("alexnet-small", 32, "relu5", False, 128 * 9 * 9), ("lenet5", 32, "output", False, 84),
+    ("alexnet-deepdive", 224, "relu5", True, 9216),  # the author's features_size for relu_5 (Appendix A)
 ])
 def test_probe_layer_sizes(backbone, size, layer, avgpool, dim):
     args = deepcluster.parse_args(["--dataset", "synthetic", "--backbone", backbone, "--probe-layer", layer])
@@ -241,6 +285,11 @@ def test_defaults_follow_the_papers():
     assert (a.kmeans_iters, a.kmeans_init, a.balance, a.reassign,
             a.halt_clustering) == (20, "random", "sampler", 1.0, None)
     assert deepcluster.parse_args(["--dataset", "imagefolder", "--k", "300"]).num_clusters == 300
+    a = deepcluster.parse_args(["--dataset", "cifar10-appendix-a"])  # Appendix A's text
+    assert (a.lr, a.momentum, a.weight_decay, a.num_clusters, a.pca_dim, a.batch_size, a.sobel) == \
+        (0.05, 0.9, 1e-5, 2000, 256, 256, True)
+    assert (a.backbone, a.image_size, a.cycles, a.probe_layer, a.probe_avgpool, a.probe_epochs) == \
+        ("alexnet-deepdive", 224, 100, "relu5", True, 30)  # the author's jobs/CIFAR10/cifar_pca/cifar.py
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -261,6 +310,7 @@ def test_defaults_follow_the_papers():
     (["--dataset", "synthetic", "--pca-dim", "-1"], "argument --pca-dim: '-1' is not an integer >= 0"),
     (["--dataset", "synthetic", "--probe-layer", "output", "--probe-avgpool"], "has no spatial dimensions"),
     (["--dataset", "synthetic", "--balance", "equal"], "invalid choice"),
+    (["--dataset", "imagenet", "--image-size", "128"], "--image-size is for datasets held in memory"),
 ])
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -283,6 +333,8 @@ BASE = ["--dataset", "synthetic", "--device", "cpu", "--seed", "0"]
     (["--dataset", "cifar10", "--data-dir", "{tmp}/empty", "--device", "cpu"],
      "cifar10 (train split) not found"),
     (["--resume", "{tmp}/nothing"], "cannot read args.json"),
+    ([*BASE, "--backbone", "alexnet-deepdive", "--image-size", "48"],
+     "alexnet-deepdive needs images of at least 63 px, not 48"),
 ])
 def test_runtime_user_errors_exit_2_and_create_no_run(flags, message, tmp_path, capsys):
     flags = [f.format(tmp=tmp_path) for f in flags]
@@ -363,3 +415,26 @@ def test_halting_keeps_the_last_pseudo_labels(first_cycles):
     labels = torch.load(run_dir / "checkpoint.pt", weights_only=False)["objects"]["labels"]
     truth = common.load_dataset("synthetic", "train").labels
     assert common.nmi(labels, truth) == metrics[1]["nmi_gt"] == read_json(run_dir / "final.json")["nmi_gt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The Deep Dive's Appendix A recipe, end to end on synthetic images saved as CIFAR-10
+# ------------------------------------------------------------------------------------------------
+def test_appendix_a_recipe_runs_end_to_end(tmp_path):
+    """--dataset cifar10-appendix-a as given, but 64 px instead of 224, 2 cycles halted after the first,
+    k 10 and a 1-epoch probe, on 300 + 100 synthetic images (32 px, 10 classes) saved as CIFAR-10: the
+    AlexNet, upscaling, halting, the pooled relu5 probe and the final k-means with K = 10 all run."""
+    for split, n in (("train", 300), ("test", 100)):
+        data = common.load_dataset("synthetic", split)
+        torch.save({"images": data.images[:n], "labels": data.labels[:n]}, tmp_path / f"cifar10-{split}.pt")
+    flags = ["--dataset", "cifar10-appendix-a", "--data-dir", tmp_path, "--device", "cpu", "--out-dir",
+             tmp_path / "run", "--image-size", "64", "--cycles", "2", "--halt-clustering", "1",
+             "--num-clusters", "10", "--probe-epochs", "1"]
+    result = run_script("deepcluster.py", flags, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    args, final = read_json(tmp_path / "run" / "args.json"), read_json(tmp_path / "run" / "final.json")
+    recipe = ("backbone", "lr", "batch_size", "pca_dim", "random_resized_crop")
+    assert [args[k] for k in recipe] == ["alexnet-deepdive", 0.05, 256, 256, True]
+    assert ["cluster_seconds" in m for m in read_metrics(tmp_path / "run")] == [True, False]
+    assert 0 < final["probe_test_acc"] <= 1 and 0 <= final["nmi"] <= 1 and -1 <= final["ari"] <= 1
+    assert final["acc"] >= 0.1  # the best matching of 10 clusters to 10 classes beats their average, N / 10
