@@ -274,6 +274,7 @@ def test_defaults_follow_the_papers():
     assert (a.backbone, a.sobel, a.lr, a.weight_decay, a.momentum, a.batch_size, a.cycles, a.pca_dim,
             a.num_clusters, a.probe_layer, a.probe_epochs) == \
         ("lenet5", False, 0.1, 1e-3, 0.1, 128, 50, 0, 5, "conv2", 20)
+    assert (a.random_resized_crop, a.flip) == (True, False)  # the author's Fashion-MNIST jobs, not the text
     a = deepcluster.parse_args(["--dataset", "svhn"])
     assert (a.backbone, a.sobel, a.momentum, a.batch_size, a.cycles, a.pca_dim, a.num_clusters,
             a.probe_layer) == ("alexnet-small", True, 0.5, 64, 100, 256, 200, "relu5")
