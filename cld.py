@@ -532,26 +532,29 @@ def kmeans_assignments(x, k, restarts=5, iters=50, generator=None):
 def evaluate(raw_model, train, test, prepare, args, final=False):
     """kNN top-1 on the test split: f_I of the labelled train images (test transform) vote with
     exp(sim / T) among the k nearest (NPID's protocol). With `final`, also a linear probe on the
-    backbone features and ACC/NMI/ARI of k-means (K = classes) on the test split's f_I and f_G."""
+    backbone features and ACC/NMI/ARI of k-means (K = classes) on the test split's f_I and f_G
+    (the backbone runs once; the heads are applied to its features)."""
     net = raw_model.module if hasattr(raw_model, "module") else raw_model
-    group_head = net.group_head if net.group_head is not None else net.instance_head
-    encoders = {"instance": nn.Sequential(net.backbone, net.instance_head),
-                "group": nn.Sequential(net.backbone, group_head), "backbone": net.backbone}
-    names = ["instance", *(["group", "backbone"] if final else [])]
-    feats = {n: (common.extract_features(encoders[n], train, prepare, args.eval_batch_size, args.amp)[0],
-                 common.extract_features(encoders[n], test, prepare, args.eval_batch_size, args.amp)[0])
-             for n in names}
-    predictions = common.knn_predict(feats["instance"][0], train.labels, feats["instance"][1],
-                                     test.num_classes, args.knn_k, args.instance_temperature)
+    encoder = net.backbone if final else nn.Sequential(net.backbone, net.instance_head)
+    train_h, test_h = (common.extract_features(encoder, d, prepare, args.eval_batch_size, args.amp)[0]
+                       for d in (train, test))
+
+    def project(head, h):  # in slices: an MLP head's hidden layer on 1.28M rows would not fit
+        return torch.cat([head(part) for part in h.split(65536)]) if final else h
+
+    train_f, test_f = project(net.instance_head, train_h), project(net.instance_head, test_h)
+    predictions = common.knn_predict(train_f, train.labels, test_f, test.num_classes, args.knn_k,
+                                     args.instance_temperature)
     metrics = {"knn_acc": (predictions == test.labels).float().mean().item()}
     if not final:
         return metrics
     if args.probe_epochs:
-        metrics["probe_acc"] = common.linear_probe(feats["backbone"][0], train.labels, feats["backbone"][1],
-                                                   test.labels, test.num_classes, args.probe_epochs)
+        metrics["probe_acc"] = common.linear_probe(train_h, train.labels, test_h, test.labels,
+                                                   test.num_classes, args.probe_epochs)
+    group_head = net.group_head if net.group_head is not None else net.instance_head
     generator = torch.Generator().manual_seed(args.seed)
-    for name, prefix in (("instance", "kmeans_"), ("group", "group_kmeans_")):
-        labels = kmeans_assignments(feats[name][1], test.num_classes, generator=generator)
+    for f, prefix in ((test_f, "kmeans_"), (project(group_head, test_h), "group_kmeans_")):
+        labels = kmeans_assignments(f, test.num_classes, generator=generator)
         scores = common.clustering_metrics(labels, test.labels, test.num_classes, test.num_classes)
         metrics.update({prefix + k: scores[k] for k in ("acc", "nmi", "ari")})
     return metrics

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from scipy.optimize import linear_sum_assignment
 
 
@@ -138,7 +137,13 @@ class TensorImages:
             yield idx, self.images[idx], self.labels[idx]
 
 
-IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS  # the files ImageFolder reads
+
+
+def torchvision():
+    """torchvision, imported when first needed: importing it also imports torch's compiler (about 3 s
+    of CPU), which runs on tensor datasets never need."""
+    import torchvision
+    return torchvision
 
 
 class _FolderItems(torch.utils.data.Dataset):
@@ -156,7 +161,7 @@ class _FolderItems(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, label = self.samples[index]
         try:
-            image = torchvision.datasets.folder.default_loader(path)  # decoded to RGB here
+            image = torchvision().datasets.folder.default_loader(path)  # decoded to RGB here
         except Exception as error:  # OSError, SyntaxError, ValueError, DecompressionBombError
             blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return index, blank, label, f"{type(error).__name__}: {error}"
@@ -187,7 +192,7 @@ class FolderImages:
         """Yield (indices, uint8 images, labels): RandomResizedCrop(0.08-1) when `random_crop`,
         else the standard Resize(size * 8/7) + CenterCrop(size). Abort naming the first image
         of a batch that cannot be decoded."""
-        T = torchvision.transforms
+        T = torchvision().transforms
         size = self.image_size
         crop = (T.RandomResizedCrop(size, antialias=True) if random_crop
                 else T.Compose([T.Resize(size * 8 // 7, antialias=True), T.CenterCrop(size)]))
@@ -206,7 +211,7 @@ class FolderImages:
 
 def image_folder_samples(root, split):
     """The (path, class id) pairs and class names of `split` of an image folder, as torchvision's
-    ImageFolder reads one (class = sub-folder name, files with an extension of IMAGE_EXTENSIONS).
+    ImageFolder reads one (class = sub-folder name, files with an extension of its IMG_EXTENSIONS).
     When `root` holds train/ and val/ or test/ (val first), train is train/, test is val/ (else
     test/) and all is both, concatenated; else `root` itself is the data of every split (test then
     scores the training images). Class ids come from one list for every split: the sorted union
@@ -230,13 +235,14 @@ def image_folder_samples(root, split):
         used = [r for r in (train, test) if r is not None]
     else:
         roots = used = [root]
-    extensions = " ".join(IMAGE_EXTENSIONS)
+    image_extensions = torchvision().datasets.folder.IMG_EXTENSIONS
+    extensions = " ".join(image_extensions)
     classes = sorted({entry.name for r in used for entry in os.scandir(r) if entry.is_dir()})
     if not classes:
         raise Abort(f"imagefolder: no class folder in {os.path.abspath(used[0])}; put the images of each "
                     f"class in a sub-folder of their own, <folder>/<class>/<image> ({extensions})")
     class_ids = {c: i for i, c in enumerate(classes)}
-    found = {r: torchvision.datasets.folder.make_dataset(r, class_ids, IMAGE_EXTENSIONS, allow_empty=True)
+    found = {r: torchvision().datasets.folder.make_dataset(r, class_ids, image_extensions, allow_empty=True)
              for r in used}
     has_images = {label for samples in found.values() for _, label in samples}
     empty = [c for c in classes if class_ids[c] not in has_images]
@@ -330,7 +336,7 @@ def _read_mnist_family(cls, split, root):
 
 def _decode_torchvision(cls_name, split, root, download):
     """Decode one split with torchvision into {"images": uint8 (N,C,H,W), "labels": int64 (N,)}."""
-    cls = getattr(torchvision.datasets, cls_name)
+    cls = getattr(torchvision().datasets, cls_name)
     if cls_name in ("MNIST", "FashionMNIST"):
         data = _read_mnist_family(cls, split, root)
         if data is None and download:
@@ -976,14 +982,14 @@ class MLP(nn.Module):
 
 
 def _vit(image_size, patch_size):
-    model = torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=12,
-                                                 num_heads=6, hidden_dim=384, mlp_dim=1536)
+    model = torchvision().models.VisionTransformer(image_size=image_size, patch_size=patch_size,
+                                                   num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
     model.heads, model.feature_dim = nn.Identity(), 384  # returns the class token
     return model
 
 
 def _torchvision_resnet50():
-    model = torchvision.models.resnet50()
+    model = torchvision().models.resnet50()
     model.fc, model.feature_dim = nn.Identity(), 2048
     return model
 

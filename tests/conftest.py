@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +18,7 @@ needs_data = pytest.mark.skipif(not DATA_DIR, reason="DATA_DIR is not set: real 
 # One thread per run: the CPU tests are faster and comparable whatever else runs (results depend on
 # the thread count, so every run a test compares uses the same one).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+torch.set_num_threads(1)  # and the tests that compute here: two workers on two cores only contend with more
 TIMING = ("images_per_s", "train_seconds", "cluster_seconds")  # metric keys that measure time, not results
 
 

@@ -104,7 +104,8 @@ METHODS = {
         tiny=["--cycles", "1", "--probe-epochs", "0"], tiny_lines=[("train", 0)]),
     "cld.py": dict(
         quick=lambda run: [*SYNTHETIC, "--width", "2", "--batch-size", "100", "--num-clusters", "8",
-                           "--epochs", "3", "--probe-epochs", "1", "--out-dir", run],
+                           "--image-size", "16", "--epochs", "3", "--eval-every", "2", "--probe-epochs", "1",
+                           "--out-dir", run],
         last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGTERM,
         extend=["--epochs", "4"], frozen=["--batch-size", "50"], edit=("feature_dim", 64),
         demo=lambda run: [*SYNTHETIC, "--base", "moco", "--out-dir", run],
