@@ -180,15 +180,8 @@ def setup_cld(args, data, device):
     queue (MoCo), SGD with the per-step schedule. Its bare step is the backbone + a linear layer."""
     backbone = common.build_backbone(args.backbone, 3, shortcut="conv", width=args.width)
     raw_model = cld.CLDNet(backbone, args).to(device, memory_format=common.memory_format(device))
-    state = {"bank": cld.init_bank(len(data), args.feature_dim).to(device)} if args.base == "npid" else {
-        "key_model": cld.CLDNet(common.build_backbone(args.backbone, 3, "conv", args.width), args).to(
-            device, memory_format=common.memory_format(device)).requires_grad_(False),
-        "queue": cld.init_bank(args.queue_size, args.feature_dim).to(device),
-        "pointer": torch.zeros(1, dtype=torch.long, device=device)}
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    steps = len(data) // args.batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cld.lr_factor(t, steps, args))
+    state = cld.make_state(args, raw_model, len(data), device)
+    optimizer, scheduler = cld.make_optimizer(raw_model, args, len(data) // args.batch_size)
     augment, _ = cld.make_transforms(args, data, device)
     objects = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler, **state)
     bare = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 10)).to(device)
