@@ -469,11 +469,15 @@ def random_erasing(x, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
 
 def make_transforms(args, data, device):
     """uint8 batch -> normalised float batch: `augment` draws one view (the official transforms,
-    batched), `prepare` is the test transform (no augmentation)."""
+    batched), `prepare` is the test transform (no augmentation; resized to --image-size when the
+    images have another size, so that evaluation sees the training resolution)."""
     memory = common.memory_format(device)
 
     def prepare(x):
-        return common.normalize(common.to_float(x), data.mean, data.std).contiguous(memory_format=memory)
+        x = common.to_float(x)
+        if x.shape[-1] != args.image_size:
+            x = F.interpolate(x, size=args.image_size, mode="bilinear", antialias=True, align_corners=False)
+        return common.normalize(x, data.mean, data.std).contiguous(memory_format=memory)
 
     def augment(x):
         x = common.random_resized_crop(common.to_float(x), args.image_size, scale=(0.2, 1.0))

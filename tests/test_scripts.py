@@ -109,7 +109,8 @@ METHODS = {
         last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGTERM,
         extend=["--epochs", "4"], frozen=["--batch-size", "50"], edit=("feature_dim", 64),
         demo=lambda run: [*SYNTHETIC, "--base", "moco", "--out-dir", run],
-        extra_runs={"untrained": ["--epochs", "0"]}, after_demo={}, learned=cld_learned,
+        extra_runs={"untrained": ["--epochs", "0", "--probe-epochs", "0"]}, after_demo={},
+        learned=cld_learned,
         tiny=["--epochs", "1", "--probe-epochs", "0"], tiny_lines=[("train", 0)]),
     "suave.py": dict(
         quick=lambda run: [*SYNTHETIC, "--width", "2", "--batch-size", "200", "--labelled-batch-size", "10",
