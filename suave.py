@@ -21,8 +21,8 @@ Deviations (each a flag where it is a choice):
   - where no source says (CIFAR): CIFAR ResNet-18 with 1x1-conv shortcuts, 32 px global / 18 px local
     crops, queue 3840 from epoch 0, 5 warm-up epochs, labelled views cropped (0.08-1) to 32 px, no blur
   - --labels-per-class 0 (SwAV) takes solo-learn's CIFAR SwAV recipe (3000 prototypes, queue 3840
-    from epoch 50, prototypes frozen 2 epochs, eps 0.05, LARS 0.6 x batch / 256, trust 0.02, biases
-    and norms excluded, wd 1e-6, 10 warm-up epochs, two 32 px crops) for 500 epochs
+    from epoch 50, prototypes frozen 2 epochs, eps 0.05, LARS 0.6 x batch / 256, trust 0.02, lr
+    clipping, biases and norms excluded, wd 1e-6, 10 warm-up epochs, two 32 px crops) for 500 epochs
   - augmentation runs batched on the device; image folders are decoded to their 224 px centre crop
     and every crop is taken from it (official: from the whole image)
   - colour jitter s is ColorJitter(s, s, s, s / 4) (fine-tuning's labelled hue: 0.025, official 0.1)
@@ -75,15 +75,15 @@ PAPER_DEFAULTS["cifar10"] = PAPER_DEFAULTS["cifar100"]  # the issue: CIFAR-100's
 # Sec. 1.1's text and the official code, for every dataset; the official SwAV-style augmentation.
 SHARED_DEFAULTS = dict(hidden_dim=2048, feature_dim=128, temperature=0.1, sinkhorn_iterations=3,
                        label_smoothing=0.01, momentum=0.9, lars_eta=0.001, lars_exclude=False,
-                       warmup_epochs=5, final_lr=0.001, queue_length=3840, queue_start=0,
+                       lars_clip=False, warmup_epochs=5, final_lr=0.001, queue_length=3840, queue_start=0,
                        freeze_prototypes_epochs=0, jitter=0.4, labelled_jitter=0.4, labelled_grayscale=0.2,
                        labelled_scale=[0.08, 1.0], global_crops=2, width=64, mix_labelled=True,
                        sync_bn=True, knn_k=200, knn_temperature=0.1, probe_epochs=100)
 # --labels-per-class 0 on CIFAR: solo-learn's SwAV recipe (scripts/pretrain/cifar/swav.yaml), 500
 # epochs as the supplementary's SwAV initialisation; lr None = 0.6 x total batch / 256.
 SWAV_DEFAULTS = dict(num_clusters=3000, queue_length=3840, queue_start=50, freeze_prototypes_epochs=2,
-                     epsilon=0.05, lr=None, lars_eta=0.02, lars_exclude=True, weight_decay=1e-6,
-                     warmup_epochs=10, final_lr=0.0, epochs=500, batch_size=256, ema=0.0,
+                     epsilon=0.05, lr=None, lars_eta=0.02, lars_exclude=True, lars_clip=True,
+                     weight_decay=1e-6, warmup_epochs=10, final_lr=0.0, epochs=500, batch_size=256, ema=0.0,
                      mix_unlabelled="none", mix_labelled=False, local_crops=0, global_scale=[0.08, 1.0],
                      jitter=0.8, blur=0.0)
 # --finetune-from RUN: the short stage of Sec. 1.1 (5 epochs at 10 % of the labels, 3 at 1 %).
@@ -100,9 +100,9 @@ def dataset_defaults(dataset, swav=False, finetune=False):
     row = {**SHARED_DEFAULTS, **PAPER_DEFAULTS.get(dataset, PAPER_DEFAULTS["cifar100"])}
     if swav:
         row.update(SWAV_DEFAULTS, labels_per_class=0)
-        if dataset == "synthetic":  # the CPU demo's sizes, SwAV's method settings
+        if dataset == "synthetic":  # the CPU demo's sizes (the clipping's cap lr at 0.01), SwAV's settings
             row.update(epochs=2, batch_size=32, queue_length=0, queue_start=0, warmup_epochs=1,
-                       freeze_prototypes_epochs=1, num_clusters=30, jitter=0.0)
+                       freeze_prototypes_epochs=1, num_clusters=30, jitter=0.0, lr=0.01)
         if dataset == "imagefolder":
             row.update(global_scale=[0.14, 1.0], local_crops=8, blur=0.5)
     if finetune:
@@ -220,6 +220,8 @@ def parse_args(argv=None):
     g.add_argument("--lars-eta", type=common.positive_float, help="LARS trust coefficient")
     g.add_argument("--lars-exclude", action=b,
                    help="biases and norms get neither LARS adaptation nor decay (solo-learn's SwAV)")
+    g.add_argument("--lars-clip", action=b,
+                   help="cap each parameter's adapted lr at --lr (solo-learn's clip_lr, SwAV)")
     g = p.add_argument_group("evaluation of --labels-per-class 0 runs (SwAV)")
     g.add_argument("--knn-k", type=common.positive_int, help="weighted kNN on backbone features: neighbours")
     g.add_argument("--knn-temperature", type=common.positive_float, help="weighted kNN: temperature")
@@ -439,11 +441,13 @@ def mix_pair(x0, x1, alpha=1.0, switch=0.5):
 class LARS(torch.optim.Optimizer):
     """d = g + wd w; d *= eta ||w|| / ||d|| where both norms are positive (else d is kept); mu = m mu + d;
     w -= lr mu. Every parameter is decayed and adapted (official code), or, with exclude_1d, biases and
-    norms (1-d tensors) are neither (solo-learn's exclude_bias_n_norm). No clipping."""
+    norms (1-d tensors) are neither (solo-learn's exclude_bias_n_norm); with clip, the adapted lr is
+    capped at lr: the factor becomes min(eta ||w|| / ||d|| / lr, 1) (solo-learn's clip_lr). No
+    gradient clipping."""
 
-    def __init__(self, params, lr, weight_decay, momentum, eta, exclude_1d=False):
+    def __init__(self, params, lr, weight_decay, momentum, eta, exclude_1d=False, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
-                                      exclude_1d=exclude_1d))
+                                      exclude_1d=exclude_1d, clip=clip))
 
     @torch.no_grad()
     def step(self):
@@ -456,6 +460,8 @@ class LARS(torch.optim.Optimizer):
                     d = d.add(p, alpha=group["weight_decay"])
                     w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    if group["clip"] and group["lr"] > 0:
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     d = d * trust
                 state = self.state[p]
                 if "mu" not in state:
@@ -718,7 +724,7 @@ def main(argv=None):
              if queue_length and not args.supervised_only else None)
     progress = {"step": 0, "queued": 0}  # the step (lr, EMA, labelled loader) and the queue's fill
     optimizer = LARS(raw_model.parameters(), args.lr, args.weight_decay, args.momentum, args.lars_eta,
-                     args.lars_exclude)
+                     args.lars_exclude, args.lars_clip)
     objects = dict(model=raw_model, optimizer=optimizer, progress=progress)
     objects.update({k: v for k, v in (("ema", ema), ("queue", queue)) if v is not None})
     start = run.resume("train", args.epochs, **objects)

@@ -149,12 +149,13 @@ def test_loss_weights_are_shares_of_the_samples():
 # ------------------------------------------------------------------------------------------------
 # LARS, schedules, EMA
 # ------------------------------------------------------------------------------------------------
-def test_lars_against_its_update_formula():
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_against_its_update_formula(clip):
     torch.manual_seed(5)
     w = torch.nn.Parameter(torch.randn(3, 4))
     bias = torch.nn.Parameter(torch.randn(3))
     lr, wd, m, eta = 0.5, 0.01, 0.9, 0.02
-    optimizer = suave.LARS([w, bias], lr, wd, m, eta, exclude_1d=True)
+    optimizer = suave.LARS([w, bias], lr, wd, m, eta, exclude_1d=True, clip=clip)
     w_ref, b_ref = w.detach().double().clone(), bias.detach().double().clone()
     mu_w, mu_b = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
     for _ in range(3):
@@ -162,7 +163,8 @@ def test_lars_against_its_update_formula():
         w.grad, bias.grad = gw.clone(), gb.clone()
         optimizer.step()
         d = gw.double() + wd * w_ref
-        d = d * eta * w_ref.norm() / d.norm()
+        trust = eta * w_ref.norm() / d.norm()
+        d = d * (min(trust / lr, 1.0) if clip else trust)  # solo-learn's clip_lr: lr x factor <= lr
         mu_w = m * mu_w + d
         w_ref = w_ref - lr * mu_w
         mu_b = m * mu_b + gb.double()  # excluded: neither decayed nor adapted
@@ -275,8 +277,9 @@ def test_recipes_of_the_defaults():
             c100.local_crops, c100.mix_unlabelled, c100.labels_per_class) == (
         2.8, 3e-6, 0.086, 0.99, 128, 100, 4, "all", 25)
     swav = suave.parse_args(["--dataset", "cifar10", "--labels-per-class", "0", "--batch-size", "512"])
-    assert (swav.num_clusters, swav.queue_start, swav.lars_eta, swav.lars_exclude, swav.lr,
-            swav.local_crops, swav.mix_labelled) == (3000, 50, 0.02, True, 0.6 * 2, 0, False)
+    assert (swav.num_clusters, swav.queue_start, swav.lars_eta, swav.lars_exclude, swav.lars_clip, swav.lr,
+            swav.local_crops, swav.mix_labelled) == (3000, 50, 0.02, True, True, 0.6 * 2, 0, False)
+    assert not c100.lars_clip  # the official Suave LARS has no clipping
     imagenet = suave.parse_args(["--dataset", "imagefolder", "--label-file", "1percent.txt"])
     assert imagenet.label_fraction is None and imagenet.labels_per_class is None
     assert (imagenet.lr, imagenet.local_crops, imagenet.local_size, imagenet.mix_unlabelled) == (
