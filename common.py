@@ -548,9 +548,8 @@ def load_dataset(name, split="train", data_dir=None, device="cpu", download=True
 # ================================================================================================
 # Augmentation: batched, on the device, per-sample randomness, no Python loop over samples.
 # Inputs are float (B, C, H, W) in [0, 1] unless said otherwise. Used by: lsdc.py (crop, flip,
-# rotations, RICAP, MixUp), deepcluster.py (resized crop, crop, flip), suave.py (multi-crop resized
-# crops, flip, colour jitter, grayscale, blur); solarize and CutMix are for the CLD and Daino files
-# (planned) and benchmarks/.
+# rotations, RICAP, MixUp), deepcluster.py (resized crop, crop, flip), cld.py, suave.py and daino.py
+# (multi-crop resized crops, flip, colour jitter, grayscale, blur; daino.py: solarize), benchmarks/.
 # ================================================================================================
 def to_float(images):
     """uint8 (B, C, H, W) -> float in [0, 1]."""
@@ -749,25 +748,6 @@ def mixup(x, alpha=1.0, mix=None):
     return w[0] * x[mix["perms"][0]] + w[1] * x[mix["perms"][1]], mix
 
 
-def cutmix(x, alpha=1.0, mix=None):
-    """CutMix (Yun et al., 2019): paste a box of area fraction 1 - lam, lam ~ Beta(alpha, alpha),
-    from x[perm]; the weights are the exact pixel shares after clipping the box to the image."""
-    B, _, H, W = x.shape
-    if mix is None:
-        lam = np.random.beta(alpha, alpha)
-        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = np.random.randint(H), np.random.randint(W)
-        box = (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H),
-               max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W))
-        share = (box[1] - box[0]) * (box[3] - box[2]) / (H * W)
-        mix = {"weights": torch.tensor([1 - share, share]), "box": box,
-               "perms": torch.stack([torch.arange(B, device=x.device), torch.randperm(B, device=x.device)])}
-    y0, y1, x0, x1 = mix["box"]
-    out = x.clone()
-    out[:, :, y0:y1, x0:x1] = x[mix["perms"][1], :, y0:y1, x0:x1]
-    return out, mix
-
-
 def ricap(x, beta=0.3, mix=None, identity_above=None):
     """RICAP (Takahashi et al., ACML 2018): a boundary point (w, h), w = round(W * Beta(beta, beta)),
     splits the image into four patches; patch k is a crop, at a random position, of image
@@ -797,8 +777,8 @@ def ricap(x, beta=0.3, mix=None, identity_above=None):
 # ================================================================================================
 # Backbones: each returns features (B, feature_dim) and exposes `feature_dim`. Used by: lsdc.py
 # (CIFAR ResNets with parameter-free shortcuts, MLP), deepcluster.py (AlexNets, LeNet-5, ResNet-18);
-# suave.py (CIFAR ResNets with 1x1-conv shortcuts, the ImageNet ResNet-50); the ViTs are for the
-# Daino file (planned).
+# cld.py, suave.py (CIFAR ResNets with 1x1-conv shortcuts, the ImageNet ResNet-50); daino.py (those
+# and the ViTs).
 # ================================================================================================
 class PadShortcut(nn.Module):
     """Parameter-free shortcut (LSD-C, AutoNovel): 2x2 average pooling when the block downsamples,
@@ -1019,7 +999,7 @@ def build_backbone(name, in_channels=3, shortcut="conv", width=64, image_size=No
 # ================================================================================================
 # Evaluation. Used by: lsdc.py (clustering metrics, confident samples), deepcluster.py (NMI,
 # features), plots.py (cluster-to-class matching), suave.py (ACC/NMI/ARI of the prototypes, kNN and
-# the feature probe of SwAV runs); CLD and Daino (planned) use kNN too.
+# the feature probe of SwAV runs), cld.py and daino.py (kNN, probe, clustering metrics).
 # ================================================================================================
 def _as_numpy(a):
     return a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
