@@ -11,16 +11,17 @@ colour, multi-crop); a CIFAR ResNet-18 train step (bf16 autocast on CUDA, channe
 pre-made tensors and the same step fed by the crop + flip pipeline, whole network and layer4 + head
 (LSD-C's clustering stage); inference; the RotNet step (four rotations per image).
 
-With --method M (lsdc, deepcluster, cld): M's model, optimizer and transforms are built as M's main()
-builds them, from M's command line for CIFAR-10 (METHOD FLAGS, after --, change it), and M's own
-train_one_epoch runs over --images images resident on the device, through a common.Run in a
-temporary directory; the median over --epochs timed epochs after one warm-up epoch is set against
-the bare step of the same network (forward, backward, optimizer step on one pre-made batch of the
-same size, cross-entropy on its outputs). M's loop trains each image as `views` forward passes
-(LSD-C: a clean and two mixed views; CLD: two views, and a third through MoCo's key encoder;
-Suave: its global and local crops, of which the local ones are smaller, beside the labelled
-batch), so `ratio_per_view` is the comparison of equal work; the bare step of Suave is one
-global-size crop. Suave's labelled images are a class-balanced subset of the stand-in data.
+With --method M (lsdc, deepcluster, cld, suave, daino): M's model, optimizer and transforms are
+built as M's main() builds them, from M's command line for CIFAR-10 (METHOD FLAGS, after --, change
+it), and M's own train_one_epoch runs over --images images resident on the device, through a
+common.Run in a temporary directory; the median over --epochs timed epochs after one warm-up epoch
+is set against the bare step of the same network (forward, backward, optimizer step on one pre-made
+batch of the same size, cross-entropy on its outputs). M's loop trains each image as `views`
+forward passes (LSD-C: a clean and two mixed views; CLD: two views, and a third through MoCo's key
+encoder; Suave, Daino: their global and local crops, of which the local ones are smaller, beside the
+labelled batch; Daino's teacher sees the global crops too), so `ratio_per_view` is the comparison
+of equal work; the bare step of Suave and Daino is one global-size crop. Their labelled images are
+a class-balanced subset of the stand-in data.
 DeepCluster's clustering between epochs is not part of its train_one_epoch and is not timed.
 
 Random uint8 images stand in for CIFAR-10: speed does not depend on the content.
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import cld  # noqa: E402
+import daino  # noqa: E402
 import deepcluster  # noqa: E402
 import lsdc  # noqa: E402
 import suave  # noqa: E402
@@ -198,7 +200,7 @@ def setup_suave(args, data, device):
     raw_model = raw_model.to(device, memory_format=common.memory_format(device))
     ema = copy.deepcopy(raw_model).requires_grad_(False) if args.ema else None
     optimizer = suave.LARS(raw_model.parameters(), args.lr, args.weight_decay, args.momentum, args.lars_eta,
-                           args.lars_exclude)
+                           args.lars_exclude, args.lars_clip)
     augment, _ = suave.make_transforms(args, data, device)
     length = args.queue_length - args.queue_length % args.batch_size
     queue = torch.zeros(args.global_crops, length, args.feature_dim, device=device) if length else None
@@ -212,8 +214,31 @@ def setup_suave(args, data, device):
     return raw_model, optimizer, augment, "train", objects, extra, args.global_crops + args.local_crops, None
 
 
+def setup_daino(args, data, device):
+    """daino.main's training: DainoNet, its teacher and centre, LARS or AdamW, the multi-crop
+    transforms and the labelled loader, as main builds them."""
+    args.num_clusters = args.num_clusters or data.num_classes
+    backbone = common.build_backbone(args.backbone, 3, shortcut="conv", width=args.width)
+    if args.backbone.startswith("vit"):
+        backbone = daino.MultiResolutionViT(backbone)
+    raw_model = daino.DainoNet(backbone, args.hidden_dim, args.bottleneck_dim, args.num_clusters,
+                               args.norm_last_layer, args.head_bn)
+    raw_model = raw_model.to(device, memory_format=common.memory_format(device))
+    teacher = None if args.supervised_only else copy.deepcopy(raw_model).requires_grad_(False)
+    optimizer = daino.make_optimizer(raw_model, args)
+    augment, _ = daino.make_transforms(args, data, device)
+    centre, progress = torch.zeros(1, args.num_clusters, device=device), {"step": 0}
+    labelled = None
+    if args.labels_per_class != 0:
+        indices = common.labelled_subset(data, args.labels_per_class, args.label_fraction, None, args.seed)
+        labelled = daino.LabelledBatches(data, indices, args.labelled_batch_size, args.seed)
+    objects = dict(model=raw_model, optimizer=optimizer, centre=centre, progress=progress)
+    extra = dict(raw_model=raw_model, teacher=teacher, centre=centre, progress=progress, labelled=labelled)
+    return raw_model, optimizer, augment, "train", objects, extra, args.global_crops + args.local_crops, None
+
+
 METHODS = {"lsdc": (lsdc, setup_lsdc), "deepcluster": (deepcluster, setup_deepcluster),
-           "cld": (cld, setup_cld), "suave": (suave, setup_suave)}
+           "cld": (cld, setup_cld), "suave": (suave, setup_suave), "daino": (daino, setup_daino)}
 
 
 def method_loop(data, args, device, out_dir):
@@ -235,7 +260,8 @@ def method_loop(data, args, device, out_dir):
         meter.averages(epoch, run)  # waits for the device
         rates.append(seen / (time.perf_counter() - t))
     run.close()
-    one_view = augment["global"] if isinstance(augment, dict) else augment  # Suave: crops by kind
+    one_view = augment["global"] if isinstance(augment, dict) else augment  # Suave, Daino: crops by kind
+    one_view = one_view[0] if isinstance(one_view, list) else one_view  # Daino: one pipeline per global crop
     premade = one_view(data.images[:margs.batch_size])
     if bare is None:  # the method's own network, with its optimizer
         labels = torch.randint(0, margs.num_clusters, (margs.batch_size,), device=device)

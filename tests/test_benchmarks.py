@@ -109,7 +109,10 @@ def test_throughput_of_each_method_against_its_bare_step(tmp_path):
                                  ("cld", ["--width", "2", "--batch-size", "32", "--num-clusters", "8"], 2),
                                  ("suave", ["--width", "2", "--batch-size", "32", "--labels-per-class", "2",
                                             "--labelled-batch-size", "8", "--local-crops", "2",
-                                            "--queue-length", "64", "--hidden-dim", "32"], 4)):
+                                            "--queue-length", "64", "--hidden-dim", "32"], 4),
+                                 ("daino", ["--width", "2", "--batch-size", "32", "--labels-per-class", "2",
+                                            "--labelled-batch-size", "8", "--local-crops", "2",
+                                            "--hidden-dim", "32", "--bottleneck-dim", "16"], 4)):
         out = tmp_path / f"{method}.json"
         args = ["--method", method, *tiny, "--json", out, "--", *flags]
         result = benchmark("throughput.py", args, tmp_path)
