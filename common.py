@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 
 class Abort(Exception):
@@ -1029,6 +1028,7 @@ def cluster_to_class(counts, mapping="auto"):
     if mapping == "majority" or (mapping == "auto" and len(rows) > len(cols)):
         result[rows] = cols[present.argmax(1)]
     else:
+        from scipy.optimize import linear_sum_assignment  # imported here: 0.4 s of every start
         matched_rows, matched_cols = linear_sum_assignment(present, maximize=True)
         result[rows[matched_rows]] = cols[matched_cols]
     return result
@@ -1716,11 +1716,7 @@ class Run:
         if dist.is_initialized():
             rngs = [None] * world_size()
             dist.all_gather_object(rngs, rng_state())
-        if self.main and self.args.resume and self.args.resume_changes and not self._changes_saved:
-            # the settings a resumed run changed are kept once it has made progress with them
-            atomic_write_json({k: v for k, v in vars(self.args).items() if k != "resume_changes"},
-                              self.file("args.json"))
-            self._changes_saved = True
+        self._keep_changes()
         if self.main:
             objects = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.objects.items()}
             atomic_save({"stage": self.stage, "epoch": epoch, "step": step, "objects": objects, "rng": rngs,
@@ -1824,8 +1820,18 @@ class Run:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"{self.stage}/{k}", v, epoch)
 
+    def _keep_changes(self):
+        """The settings a resumed run changed go into args.json once it has made progress with them: a
+        checkpoint, or a result (a run resumed only for its final evaluation, e.g. another probe)."""
+        if self.main and self.args.resume and self.args.resume_changes and not self._changes_saved:
+            atomic_write_json({k: v for k, v in vars(self.args).items() if k != "resume_changes"},
+                              self.file("args.json"))
+            self._changes_saved = True
+
     def finish(self, metrics):
-        """Write final.json (atomically) with the run's result, and release the run."""
+        """Write final.json (atomically) with the run's result, and the settings that made it, and
+        release the run."""
+        self._keep_changes()
         if self.main:
             atomic_write_json(metrics, self.file("final.json"))
         self.close()

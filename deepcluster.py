@@ -91,8 +91,9 @@ FEATURE_DIMS = {"alexnet": 4096, "alexnet-small": 2048, "alexnet-deepdive": 2048
 CONV_LAYERS = {"alexnet": 5, "alexnet-small": 5, "alexnet-deepdive": 5, "lenet5": 2, "resnet18": 0}
 # eval_linear.py's RegLog: AvgPool2d(kernel, stride, padding) that brings AlexNet conv n to ~9k features
 OFFICIAL_PROBE_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
-# Flags that may change on --resume: extend the cycles, lower the learning rate after a divergence.
-RESUMABLE = ("cycles", "lr")
+# Flags that may change on --resume: extend the cycles, lower the learning rate after a divergence, or
+# change the probe (it runs after training; a finished run is not probed again).
+RESUMABLE = ("cycles", "lr", "probe_epochs")
 
 
 # ================================================================================================

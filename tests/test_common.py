@@ -883,6 +883,23 @@ def test_a_learning_rate_lowered_on_resume_scales_the_schedule(tmp_path):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0002)
 
 
+def test_a_run_resumed_only_for_its_result_records_the_settings_that_made_it(tmp_path):
+    """A run resumed at its end with a changed evaluation flag writes no checkpoint; its final.json
+    must still sit beside the args.json that made it."""
+    run = common.Run("test", run_args(tmp_path))
+    model = torch.nn.Linear(2, 1)
+    run.resume("s", 2, model=model)
+    run.save_checkpoint(1)
+    run.close()
+    resumed = common.Run("test", resume_args(run.path, epochs=2))
+    resumed.args.epochs, resumed.args.probe_epochs = 2, 3
+    resumed.args.resume_changes = {"probe_epochs": (20, 3)}
+    assert resumed.resume("s", 2, model=model) == 2  # nothing left to train
+    resumed.finish({"probe_test_acc": 0.5})
+    saved = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert saved["probe_epochs"] == 3 and "resume_changes" not in saved
+
+
 def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
     first = common.Run("test", run_args(tmp_path))
     with pytest.raises(common.Abort, match="another process is running the run"):
