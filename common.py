@@ -1656,8 +1656,8 @@ class Run:
 
     @classmethod
     def resume_hint(cls):
-        run = cls.active
-        if run is None or not run.has_checkpoint:
+        run = cls.active  # the file decides: Ctrl-C may land after its rename, before has_checkpoint is set
+        if run is None or not (run.has_checkpoint or os.path.exists(run.file("checkpoint.pt"))):
             return "no checkpoint was written: start the run again"
         return f"continue with: python {run.script} --resume {run.path}"
 
