@@ -2,10 +2,12 @@
 directory, stop it on purpose."""
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -26,17 +28,106 @@ def script_path(script):
     return os.path.join(ROOT, script)
 
 
+class ScriptServer:
+    """The client of script_server.py: one server per test process, started when a test first runs a
+    script, stopped with the test process."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "script_server.py")],
+                                     cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.pending, self.started, self.exits = b"", [], {}
+
+    def read(self, timeout):
+        """Take the server's replies that arrive within `timeout` seconds."""
+        if select.select([self.proc.stdout], [], [], timeout)[0]:
+            chunk = self.proc.stdout.read()
+            if chunk == b"":
+                raise RuntimeError(f"the script server ended (exit code {self.proc.poll()})")
+            self.pending += chunk or b""
+        while b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            kind, *numbers = line.decode().split()
+            if kind == "started":
+                self.started.append(int(numbers[0]))
+            else:
+                self.exits[int(numbers[0])] = int(numbers[1])
+
+    def start(self, argv, cwd, stdout, stderr):
+        request = dict(argv=[str(a) for a in argv], cwd=str(cwd), stdout=str(stdout), stderr=str(stderr))
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        while not self.started:
+            self.read(1.0)
+        return ScriptProcess(self, self.started.pop(0))
+
+
+class ScriptProcess:
+    """The part of subprocess.Popen the tests use, for a run forked by the script server."""
+
+    def __init__(self, server, pid):
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self):
+        if self.returncode is None:
+            self.server.read(0)
+            self.returncode = self.server.exits.pop(self.pid, None)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(self.pid, timeout)
+            self.server.read(0.02)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+_server = None
+
+
+def start_python(argv, cwd, stdout, stderr):
+    """`python *argv` in `cwd`, its output appended to the files `stdout` and `stderr`: a fresh
+    process forked by the script server (see script_server.py)."""
+    global _server
+    if _server is None or _server.proc.poll() is not None:
+        _server = ScriptServer()
+    return _server.start(argv, cwd, stdout, stderr)
+
+
+def run_python(argv, cwd, timeout=600):
+    """`python *argv` in `cwd` to its end; returns a CompletedProcess with its exit code and its
+    output as text (universal newlines, as subprocess.run(text=True) gives it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        proc = start_python(argv, cwd, out, err)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        text = [open(path, encoding="utf-8").read() if os.path.exists(path) else "" for path in (out, err)]
+    return subprocess.CompletedProcess([sys.executable, *argv], proc.returncode, *text)
+
+
 def run_script(script, args, cwd, timeout=600):
     """`python <script> <args>` in `cwd`; returns the CompletedProcess (exit code, stdout, stderr)."""
-    return subprocess.run([sys.executable, script_path(script), *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_python([script_path(script), *args], cwd, timeout)
 
 
 def start_script(script, args, cwd, log="log.txt"):
     """Start `python <script> <args>` in the background, its output appended to `cwd/log`."""
-    out = open(os.path.join(cwd, log), "a")
-    return subprocess.Popen([sys.executable, script_path(script), *map(str, args)], cwd=cwd, env=ENV,
-                            stdout=out, stderr=out)
+    log = os.path.join(cwd, log)
+    open(log, "a").close()
+    return start_python([script_path(script), *args], cwd, log, log)
 
 
 def wait_for_line(proc, run_dir, stage, epoch, timeout=600):

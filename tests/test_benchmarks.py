@@ -2,12 +2,10 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ENV, ROOT, one_line_error, read_json, wait_for_line
+from conftest import ROOT, one_line_error, read_json, run_python, start_python, wait_for_line
 
 DEEPCLUSTER = ["--dataset", "synthetic", "--device", "cpu", "--cycles", "2", "--num-clusters", "10",
                "--pca-dim", "8", "--probe-epochs", "1"]
@@ -17,8 +15,7 @@ LSDC = ["--dataset", "synthetic", "--device", "cpu", "--split", "test", "--width
 
 
 def benchmark(name, args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return run_python([os.path.join(ROOT, "benchmarks", name), *args], cwd)
 
 
 def check_summary(run_dir, stdout, script, sessions):
@@ -59,17 +56,16 @@ def test_reproduce_deepcluster_stopped_by_sigterm_then_finished(tmp_path):
     """A scheduler's SIGTERM to reproduce.py reaches the script, which stops with a checkpoint; the
     same command finishes the run, and once more only summarises it."""
     flags = [*DEEPCLUSTER, "--cycles", "5"]
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), "deepcluster.py",
-               "--run-dir", "run", "--", *flags]
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=log, stderr=log)
-        wait_for_line(proc, tmp_path / "run", "train", 0)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=600) == 3, (tmp_path / "log.txt").read_text()
+    command = [os.path.join(ROOT, "benchmarks", "reproduce.py"), "deepcluster.py", "--run-dir", "run", "--",
+               *flags]
+    proc = start_python(command, tmp_path, tmp_path / "log.txt", tmp_path / "log.txt")
+    wait_for_line(proc, tmp_path / "run", "train", 0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 3, (tmp_path / "log.txt").read_text()
     assert "stopped by SIGTERM" in (tmp_path / "log.txt").read_text()
     assert "run the same command again to continue" in (tmp_path / "log.txt").read_text()
 
-    result = benchmark("reproduce.py", command[2:], tmp_path)
+    result = benchmark("reproduce.py", command[1:], tmp_path)
     assert result.returncode == 0, result.stderr
     summary, sessions = check_summary(tmp_path / "run", result.stdout, "deepcluster.py", [3, 0])
     final = read_json(tmp_path / "run" / "final.json")
@@ -80,12 +76,12 @@ def test_reproduce_deepcluster_stopped_by_sigterm_then_finished(tmp_path):
         "python deepcluster.py --resume run " + " ".join(flags)]
     assert summary["command"] == sessions[0]["command"]
 
-    again = benchmark("reproduce.py", command[2:], tmp_path)
+    again = benchmark("reproduce.py", command[1:], tmp_path)
     assert again.returncode == 0, again.stderr
     assert "train epoch" not in again.stdout  # a finished run is summarised, not run again
     assert len(read_json(tmp_path / "run" / "sessions.json")) == 2
     before = (tmp_path / "run" / "final.json").read_text()
-    refused = benchmark("reproduce.py", [*command[2:], "--num-clusters", "30"], tmp_path)
+    refused = benchmark("reproduce.py", [*command[1:], "--num-clusters", "30"], tmp_path)
     assert refused.returncode == 2 and one_line_error(refused.stderr) and "--num-clusters" in refused.stderr
     assert (tmp_path / "run" / "final.json").read_text() == before  # a flag it cannot change: nothing ran
 
