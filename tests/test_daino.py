@@ -5,6 +5,7 @@ What every script promises is in test_scripts.py (the synthetic demo, resume, to
 import argparse
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -275,6 +276,32 @@ def test_recipes_of_the_defaults():
             imagenet.epochs, imagenet.warmup_epochs, imagenet.final_lr, imagenet.local_crops,
             imagenet.local_size, imagenet.backbone) == (
         "adamw", 0.00024 * 4, 0.04, 0.4, 60, 4, 1e-5, 8, 96, "vit-s16")
+    for recipe in (c100, dino, imagenet):  # DINO's ColorJitter(0.4, 0.4, 0.2, 0.1), grayscale 0.2
+        assert (recipe.jitter, recipe.hue, recipe.grayscale) == (0.4, 0.1, 0.2)
+
+
+@pytest.mark.parametrize("hue", [0.0, 0.1])
+def test_colour_jitter_moves_the_hue_only_when_asked(hue):
+    """Brightness, contrast and saturation keep each pixel's hue; --hue 0 (the synthetic demo, whose
+    classes differ by hue) keeps it through the whole jitter, DINO's 0.1 moves it by up to 0.1."""
+    args = daino.parse_args(["--dataset", "synthetic", "--hue", str(hue), "--labelled-scale", "1", "1"])
+    assert args.labelled_jitter > 0 and args.jitter > 0 and args.grayscale == 0
+    plain = SimpleNamespace(mean=(0, 0, 0), std=(1, 1, 1))  # normalising leaves [0, 1]
+    augment, _ = daino.make_transforms(args, plain, torch.device("cpu"))
+    torch.manual_seed(0)
+    hsv = torch.stack([torch.rand(256), torch.full((256,), 0.5), torch.full((256,), 0.4)], 1)  # no clipping
+    images = (common.hsv_to_rgb(hsv)[:, :, None, None] * 255).round().expand(256, 3, 16, 16).to(torch.uint8)
+    for view in ("labelled", "global"):
+        out = augment[view](images) if view == "labelled" else augment["global"][0](images)
+        before, after = common.rgb_to_hsv(images.float() / 255)[:, 0], common.rgb_to_hsv(out)[:, 0]
+        moved = (after - before).abs().amax((1, 2))
+        moved = torch.minimum(moved, 1 - moved)  # hue is an angle
+        changed = (out - images.float() / 255).abs().amax((1, 2, 3)) > 0.02
+        assert changed.float().mean() > 0.6  # jittered with p 0.8
+        if hue == 0:
+            assert moved.max() < 0.01
+        else:
+            assert 0.05 < moved.max() < 0.1 + 0.01
 
 
 @pytest.mark.parametrize("flags,named", [

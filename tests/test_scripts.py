@@ -78,18 +78,19 @@ def suave_learned(runs):
 
 
 def daino_learned(runs):
-    """Seed 0, 40 labels, 4 epochs: the teacher's head reaches test top-1 0.59 (NMI 0.58; chance 0.1)
-    and the student agrees with it; other seeds land far lower (0.22 and 0.28 for seeds 1 and 2).
+    """Seed 0, 40 labels, 5 epochs: the teacher's head reaches test top-1 0.80 (NMI 0.70) where the
+    same network, labelled batches and schedule without the unlabelled images (--supervised-only)
+    reach 0.69 (NMI 0.60); seeds 1 / 2: 0.75 / 0.79 against 0.65 / 0.67 (benchmarks/daino.md).
     DINO (--labels-per-class 0, 30 outputs, 3 epochs) clusters above chance on seed 0: NMI 0.27 and
     kNN top-1 0.45, where random assignments of 500 images to 30 clusters give an NMI of about 0.09
-    (seeds 1 and 2: 0.06 and 0.08, at chance). Not asserted, because it does not hold: beating the
-    supervised-only baseline (0.37 on seed 0, but 0.46 / 0.44 on seeds 1 / 2) or the untrained
-    network's kNN (0.47 on seed 0); benchmarks/daino.md."""
-    (lines, final), (_, dino) = runs["demo"], runs["dino"]
-    assert final["test_top1"] > 0.45 and final["test_nmi"] > 0.4
+    (seeds 1 and 2: 0.06 and 0.08, at chance). Not asserted, because it does not hold: DINO's kNN
+    above the untrained network's (0.47 on seed 0)."""
+    (lines, final), (_, baseline), (_, dino) = runs["demo"], runs["baseline"], runs["dino"]
+    assert final["test_top1"] > 0.7 and final["test_top1"] > baseline["test_top1"] + 0.06
+    assert final["test_nmi"] > baseline["test_nmi"] + 0.05
     assert abs(final["test_top1"] - final["student_top1"]) < 0.1  # the teacher is an average of the student
-    assert lines[-1]["labelled_loss"] < lines[0]["labelled_loss"] - 1.0
-    assert lines[-1]["unlabelled_loss"] < lines[0]["unlabelled_loss"] - 0.3  # self-distillation is learned
+    assert lines[-1]["labelled_loss"] < lines[0]["labelled_loss"] - 0.8
+    assert lines[-1]["unlabelled_loss"] < lines[0]["unlabelled_loss"] - 0.5  # self-distillation is learned
     assert [m["teacher_temperature"] for m in lines[:3]] == [0.04, 0.07, 0.07]  # warmed up over 2 epochs
     assert dino["test_nmi"] > 0.15 and dino["knn_top1"] > 0.3 and "test_top1" not in dino
 
@@ -147,7 +148,7 @@ METHODS = {
         last=("train", 2), kill_at=("train", 0), nan=["--lr", "1e30"], stop=signal.SIGUSR1,
         extend=["--epochs", "4"], frozen=["--batch-size", "64"], edit=("bottleneck_dim", 8),
         demo=lambda run: [*SYNTHETIC, "--out-dir", run],
-        extra_runs={"dino": ["--labels-per-class", "0"]}, after_demo={},
+        extra_runs={"baseline": ["--supervised-only"], "dino": ["--labels-per-class", "0"]}, after_demo={},
         learned=daino_learned, tiny=["--epochs", "1"], tiny_lines=[("train", 0)]),
 }
 SCRIPTS = list(METHODS)
