@@ -81,10 +81,10 @@ def daino_learned(runs):
     """Seed 0, 40 labels, 5 epochs: the teacher's head reaches test top-1 0.80 (NMI 0.70) where the
     same network, labelled batches and schedule without the unlabelled images (--supervised-only)
     reach 0.69 (NMI 0.60); seeds 1 / 2: 0.75 / 0.79 against 0.65 / 0.67 (benchmarks/daino.md).
-    DINO (--labels-per-class 0, 30 outputs, 3 epochs) clusters above chance on seed 0: NMI 0.27 and
-    kNN top-1 0.45, where random assignments of 500 images to 30 clusters give an NMI of about 0.09
-    (seeds 1 and 2: 0.06 and 0.08, at chance). Not asserted, because it does not hold: DINO's kNN
-    above the untrained network's (0.47 on seed 0)."""
+    DINO (--labels-per-class 0, 30 outputs, 6 epochs) clusters above chance: NMI 0.38 and kNN top-1
+    0.50 on seed 0 (seeds 1 / 2: NMI 0.25 / 0.13, kNN 0.44 / 0.29), where random assignments of 500
+    images to 30 clusters give an NMI of about 0.09; the untrained network's kNN is 0.47 / 0.37 /
+    0.43, so the gain on seed 0 is too small to assert and seed 2 loses."""
     (lines, final), (_, baseline), (_, dino) = runs["demo"], runs["baseline"], runs["dino"]
     assert final["test_top1"] > 0.7 and final["test_top1"] > baseline["test_top1"] + 0.06
     assert final["test_nmi"] > baseline["test_nmi"] + 0.05
@@ -92,7 +92,7 @@ def daino_learned(runs):
     assert lines[-1]["labelled_loss"] < lines[0]["labelled_loss"] - 0.8
     assert lines[-1]["unlabelled_loss"] < lines[0]["unlabelled_loss"] - 0.5  # self-distillation is learned
     assert [m["teacher_temperature"] for m in lines[:3]] == [0.04, 0.07, 0.07]  # warmed up over 2 epochs
-    assert dino["test_nmi"] > 0.15 and dino["knn_top1"] > 0.3 and "test_top1" not in dino
+    assert dino["test_nmi"] > 0.25 and dino["knn_top1"] > 0.4 and "test_top1" not in dino
 
 
 # For each script: `quick(run)` a run of a few seconds with several epochs (and stages), its last
