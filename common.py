@@ -1228,6 +1228,8 @@ non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0
 fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 open_fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 area_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # crop scales
+probability = _checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+hue_shift = _checked(float, lambda v: 0 <= v <= 0.5, "a hue shift in [0, 0.5]")  # ColorJitter's range
 decay_factor = _checked(float, lambda v: 0 < v <= 1, "a factor in (0, 1]")
 cosine = _checked(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
 seed_int = _checked(int, lambda v: v >= 0, "a seed >= 0")

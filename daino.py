@@ -209,18 +209,18 @@ def parse_args(argv=None):
     g.add_argument("--jitter", type=common.non_negative_float,
                    help="colour jitter strength s of unlabelled crops, ColorJitter(s, s, s/2, --hue) with p "
                    "0.8 (DINO: 0.4, 0.4, 0.2, 0.1); 0 = none")
-    g.add_argument("--hue", type=common.fraction,
+    g.add_argument("--hue", type=common.hue_shift,
                    help="hue shift of the colour jitter, unlabelled and labelled (DINO: 0.1)")
-    g.add_argument("--grayscale", type=common.fraction, help="grayscale probability of unlabelled crops")
-    g.add_argument("--blur", type=common.fraction, nargs=3, metavar=("FIRST", "SECOND", "LOCAL"),
+    g.add_argument("--grayscale", type=common.probability, help="grayscale probability of unlabelled crops")
+    g.add_argument("--blur", type=common.probability, nargs=3, metavar=("FIRST", "SECOND", "LOCAL"),
                    help="Gaussian blur probability of the first and second global crops and the local ones")
-    g.add_argument("--solarize", type=common.fraction,
+    g.add_argument("--solarize", type=common.probability,
                    help="solarisation probability of the second global crop")
     g.add_argument("--labelled-scale", type=common.area_fraction, nargs=2, metavar=("MIN", "MAX"),
                    help="area range of the labelled crops (Inception crop)")
     g.add_argument("--labelled-jitter", type=common.non_negative_float,
                    help="colour jitter strength of labelled images, p 0.8")
-    g.add_argument("--labelled-grayscale", type=common.fraction,
+    g.add_argument("--labelled-grayscale", type=common.probability,
                    help="grayscale probability of labelled images")
     g.add_argument("--mix-labelled", action=b,
                    help="extend the labelled batch with one MixUp or CutMix copy (supplementary)")

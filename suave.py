@@ -197,12 +197,12 @@ def parse_args(argv=None):
     g.add_argument("--jitter", type=common.non_negative_float,
                    help="colour jitter strength s of unlabelled crops, ColorJitter(s, s, s, s/4) with p 0.8 "
                    "and grayscale 0.2; 0 = no colour change (SwAV: 0.8)")
-    g.add_argument("--blur", type=common.fraction, help="Gaussian blur probability of unlabelled crops")
+    g.add_argument("--blur", type=common.probability, help="Gaussian blur probability of unlabelled crops")
     g.add_argument("--labelled-scale", type=common.area_fraction, nargs=2, metavar=("MIN", "MAX"),
                    help="area range of the labelled crops (Inception crop)")
     g.add_argument("--labelled-jitter", type=common.non_negative_float,
                    help="colour jitter strength of labelled images, p 0.8")
-    g.add_argument("--labelled-grayscale", type=common.fraction,
+    g.add_argument("--labelled-grayscale", type=common.probability,
                    help="grayscale probability of labelled images")
     g.add_argument("--mix-labelled", action=b,
                    help="extend the labelled batch with one MixUp or CutMix copy (supplementary)")

@@ -114,7 +114,8 @@ def run_python(argv, cwd, timeout=600):
             proc.kill()
             proc.wait()
             raise
-        text = [open(path, encoding="utf-8").read() if os.path.exists(path) else "" for path in (out, err)]
+        text = [open(path, encoding="utf-8", errors="backslashreplace").read() if os.path.exists(path) else ""
+                for path in (out, err)]
     return subprocess.CompletedProcess([sys.executable, *argv], proc.returncode, *text)
 
 

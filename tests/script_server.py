@@ -8,10 +8,18 @@ Protocol: one JSON request per line on stdin, {"argv": [script, *args], "cwd", "
 (output file paths, opened for appending); replies on stdout, "started PID" for each request in
 order and "exit PID CODE" when that process ends (CODE as subprocess.Popen.returncode: -N for
 signal N). The server stops when its stdin closes.
+
+What still differs from a fresh interpreter: torch and the modules it imports are already loaded
+(a script that forgets an import of a torch submodule may pass here), with torch's warning filters;
+the hash seed is the server's; a traceback starts with the server's and runpy's frames. Python's,
+numpy's and torch's random generators are reseeded from the OS in each run, as a fresh
+interpreter's are (the scripts seed their own).
 """
 import atexit
+import io
 import json
 import os
+import random
 import runpy
 import select
 import signal
@@ -19,8 +27,19 @@ import sys
 import threading
 import traceback
 
-import torch  # noqa: F401  (what every run would import)
+import numpy as np
+import torch  # (what every run would import)
 import torch._dynamo  # noqa: F401
+
+
+def stream(fd, like):
+    """A text stream on `fd` made as the interpreter made `like` (encoding, errors, buffering,
+    PYTHONUNBUFFERED's write-through) for the server's own pipes, which the runs' files match."""
+    raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+    buffered = raw if isinstance(like.buffer, io.FileIO) else (io.BufferedReader if fd == 0
+                                                               else io.BufferedWriter)(raw)
+    return io.TextIOWrapper(buffered, encoding=like.encoding, errors=like.errors,
+                            line_buffering=like.line_buffering, write_through=like.write_through)
 
 
 def run(request, replies):
@@ -29,17 +48,26 @@ def run(request, replies):
     try:
         replies.close()
         os.chdir(request["cwd"])
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
-        # standard streams as the interpreter makes them for files: stdout block-buffered, stderr
-        # line-buffered with backslashreplace
-        sys.stdin = sys.__stdin__ = open(0, closefd=False)
-        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
-        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
+                                (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+                                (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
+            opened = os.open(path, flags, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        sys.stdin, sys.stdout, sys.stderr = (stream(0, sys.__stdin__), stream(1, sys.__stdout__),
+                                             stream(2, sys.__stderr__))
+        sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+        random.seed()
+        np.random.seed()
+        torch.seed()
         script = os.path.abspath(request["argv"][0])
         sys.argv = [request["argv"][0], *request["argv"][1:]]
         sys.path[0] = os.path.dirname(script)
+        if not os.path.isfile(script):
+            print(f"{sys.executable}: can't open file {script!r}: [Errno 2] No such file or directory",
+                  file=sys.stderr)
+            code = 2
+            return
         try:
             runpy.run_path(script, run_name="__main__")
             code = 0
@@ -55,11 +83,14 @@ def run(request, replies):
             traceback.print_exc()
         threading._shutdown()  # as at interpreter exit: wait for non-daemon threads, then atexit
         atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
     except BaseException:  # the server's own failure, in the run's stderr once it is set
         traceback.print_exc()
     finally:
+        for out in (sys.stdout, sys.stderr):
+            try:
+                out.flush()
+            except (OSError, ValueError):  # closed by the script: the interpreter says nothing either
+                pass
         if code == -signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)

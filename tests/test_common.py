@@ -1009,6 +1009,10 @@ def test_command_line_conventions(capsys):
             common.fraction(bad)
     with pytest.raises(argparse.ArgumentTypeError):
         common.positive_float("inf")
+    assert common.probability("1") == 1.0 and common.hue_shift("0.5") == 0.5  # always; ColorJitter's most
+    for parse, bad in [(common.probability, "1.1"), (common.probability, "nan"), (common.hue_shift, "0.6")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
     assert common.device_name("cuda:1") == "cuda:1"
     with pytest.raises(SystemExit) as info:
         p.parse_args(["--n", "0"])
