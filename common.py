@@ -1885,6 +1885,12 @@ class Meter:
 def init_distributed(device):
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        # DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
+        # `group=group.WORLD` as a default argument: imported after the group exists, they hold it
+        # for the life of the interpreter, destroy_process_group cannot join gloo's threads, and
+        # one still releasing the last collective's tensors at exit aborts the process
+        # ("terminate called without an active exception"). Imported first, they hold None.
+        import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
 
 
