@@ -472,9 +472,10 @@ def labelled_subset(data, per_class=None, fraction=None, names_file=None, seed=0
     """The labelled images of a semi-supervised run, as sorted int64 indices into `data` (on its
     device): `per_class` images of every class, or `fraction` of each class (rounded, at least one;
     ImageNet's 1 % / 10 %), drawn by a generator seeded with `seed` alone, so every rank and every
-    resume draws the same subset; or the images named, one file name a line, in `names_file` (the
-    standard ImageNet 1 % / 10 % lists; an image folder only). Used by suave.py and daino.py.
-    Abort when a class has fewer images than asked, or a listed name is not in `data`."""
+    resume draws the same subset; or the images named, one a line, in `names_file` (the standard
+    ImageNet 1 % / 10 % lists; an image folder only), by file name or as class folder/file name.
+    Used by suave.py and daino.py. Abort when a class has fewer images than asked, or a listed name
+    is not in `data` or names several images (the same file name in two class folders)."""
     labels = data.labels.cpu()
     if names_file is not None:
         if not isinstance(data, FolderImages):
@@ -485,12 +486,21 @@ def labelled_subset(data, per_class=None, fraction=None, names_file=None, seed=0
                 names = [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as error:
             raise Abort(f"--label-file {names_file}: cannot read it ({error})") from None
-        index = {os.path.basename(path): i for i, (path, _) in enumerate(data.samples)}
+        index = {}  # file name, and class folder/file name: the images they name
+        for i, (path, _) in enumerate(data.samples):
+            name = os.path.basename(path)
+            index.setdefault(name, []).append(i)
+            index.setdefault(f"{os.path.basename(os.path.dirname(path))}/{name}", []).append(i)
         missing = [name for name in names if name not in index]
         if missing or not names:
             raise Abort(f"--label-file {names_file}: " + (f"{len(missing)} of its {len(names)} images are "
                         f"not in the training images, e.g. {missing[0]}" if missing else "names no image"))
-        return torch.tensor(sorted({index[name] for name in names}), device=data.labels.device)
+        shared = next((name for name in names if len(index[name]) > 1), None)
+        if shared:
+            folders = sorted(os.path.basename(os.path.dirname(data.samples[i][0])) for i in index[shared])
+            raise Abort(f"--label-file {names_file}: {shared} names {len(folders)} images (in "
+                        f"{', '.join(folders[:3])}); write its lines as class folder/file name")
+        return torch.tensor(sorted({index[name][0] for name in names}), device=data.labels.device)
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(data.num_classes):

@@ -131,10 +131,13 @@ def peek(argv):
 def parse_args(argv=None):
     seen = peek(argv)
     dataset = seen.dataset or "cifar100"
-    dino = seen.labels_per_class is not None and seen.labels_per_class.strip() == "0"
+    count = (seen.labels_per_class or "").strip()
+    dino = count.isdigit() and int(count) == 0  # as the parser reads it: 00 is 0 too
     defaults = dataset_defaults(dataset, dino)
     if seen.label_fraction or seen.label_file:  # another way of choosing the labels was given
         defaults.update(labels_per_class=None, label_fraction=None)
+    elif count:  # labels chosen per class: not the row's default fraction (ImageNet's 10 %)
+        defaults.update(label_fraction=None)
     recipe = ("Sec. 1 of the supplementary" if not dino else "the ImageNet row without labels "
               "(--labels-per-class 0)" if dataset == "imagefolder" else "solo-learn's DINO recipe "
               "(--labels-per-class 0)")

@@ -124,10 +124,13 @@ def peek(argv):
 def parse_args(argv=None):
     seen = peek(argv)
     dataset = seen.dataset or "cifar100"
-    swav = seen.labels_per_class is not None and seen.labels_per_class.strip() == "0"
+    count = (seen.labels_per_class or "").strip()
+    swav = count.isdigit() and int(count) == 0  # as the parser reads it: 00 is 0 too
     defaults = dataset_defaults(dataset, swav, bool(seen.finetune_from))
     if seen.label_fraction or seen.label_file:  # another way of choosing the labels was given
         defaults.update(labels_per_class=None, label_fraction=None)
+    elif count:  # labels chosen per class: not the row's default fraction (ImageNet's 10 %)
+        defaults.update(label_fraction=None)
     recipe = ("solo-learn's SwAV recipe (--labels-per-class 0)" if swav else
               "the fine-tuning stage of Sec. 1.1" if seen.finetune_from else "Sec. 1 of the supplementary")
     p = common.ArgumentParser(

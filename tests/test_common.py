@@ -1162,6 +1162,13 @@ def test_labelled_subset_from_a_file_of_image_names(tmp_path):
     (tmp_path / "bad.txt").write_text("n01_0.JPEG\nn03_9.JPEG\n")
     with pytest.raises(common.Abort, match="1 of its 2 images are not in the training images, e.g. n03_9"):
         common.labelled_subset(data, names_file=str(tmp_path / "bad.txt"))
+    pets = [(f"/d/{c}/{i}.png", k) for k, c in enumerate(("cat", "dog")) for i in range(3)]
+    twins = common.FolderImages(pets, ["cat", "dog"])
+    (tmp_path / "twins.txt").write_text("2.png\n0.png\n")  # 0.png is a cat and a dog
+    with pytest.raises(common.Abort, match=r"2.png names 2 images \(in cat, dog\); write its lines as class"):
+        common.labelled_subset(twins, names_file=str(tmp_path / "twins.txt"))
+    (tmp_path / "classed.txt").write_text("dog/0.png\ncat/2.png\n")
+    assert common.labelled_subset(twins, names_file=str(tmp_path / "classed.txt")).tolist() == [2, 3]
     tensors = common.TensorImages("t", torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), 2,
                                   None, None)
     with pytest.raises(common.Abort, match="only --dataset imagefolder"):

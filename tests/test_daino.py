@@ -272,6 +272,11 @@ def test_recipes_of_the_defaults():
         4096, 0.9995, 0.02, True, 0.3 * 2, 0, False, True, 1, 1000)
     imagenet = daino.parse_args(["--dataset", "imagefolder", "--label-file", "10percent.txt"])
     assert imagenet.label_fraction is None and imagenet.labels_per_class is None
+    per_class = daino.parse_args(["--dataset", "imagefolder", "--labels-per-class", "13"])  # not with 10 %
+    assert (per_class.labels_per_class, per_class.label_fraction) == (13, None)
+    assert daino.parse_args(["--dataset", "imagefolder"]).label_fraction == 0.1
+    zero = daino.parse_args(["--dataset", "cifar10", "--labels-per-class", "00", "--batch-size", "512"])
+    assert vars(zero) == vars(dino)  # 00 is 0: the same recipe
     assert (imagenet.optimizer, imagenet.lr, imagenet.weight_decay, imagenet.weight_decay_end,
             imagenet.epochs, imagenet.warmup_epochs, imagenet.final_lr, imagenet.local_crops,
             imagenet.local_size, imagenet.backbone) == (

@@ -282,6 +282,11 @@ def test_recipes_of_the_defaults():
     assert not c100.lars_clip  # the official Suave LARS has no clipping
     imagenet = suave.parse_args(["--dataset", "imagefolder", "--label-file", "1percent.txt"])
     assert imagenet.label_fraction is None and imagenet.labels_per_class is None
+    per_class = suave.parse_args(["--dataset", "imagefolder", "--labels-per-class", "13"])  # not with 10 %
+    assert (per_class.labels_per_class, per_class.label_fraction) == (13, None)
+    assert suave.parse_args(["--dataset", "imagefolder"]).label_fraction == 0.1
+    zero = suave.parse_args(["--dataset", "cifar10", "--labels-per-class", "00", "--batch-size", "512"])
+    assert vars(zero) == vars(swav)  # 00 is 0: the same recipe
     assert (imagenet.lr, imagenet.local_crops, imagenet.local_size, imagenet.mix_unlabelled) == (
         0.4, 8, 96, "globals")
     tune = suave.parse_args(["--dataset", "imagefolder", "--finetune-from", "RUN"])
