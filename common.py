@@ -1251,6 +1251,11 @@ device_name = _checked(str, lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not
 # extend a run, --lr to lower the learning rate after a divergence).
 RESUME_RUN_FLAGS = ("device", "amp", "compile", "deterministic", "eval_batch_size", "time_limit",
                     "log_every", "tensorboard", "data_dir")
+# The flags that set how long a run trains (its last stage's), and those that change only what a
+# finished run's final evaluation does: a finished run takes others only when it is extended.
+LENGTH_FLAGS = ("epochs", "cycles")
+EVALUATION_FLAGS = ("probe_epochs", "device", "amp", "compile", "deterministic", "eval_batch_size",
+                    "data_dir", "tensorboard")
 
 
 def add_run_arguments(parser, method):
@@ -1535,9 +1540,8 @@ class Run:
         if error:
             raise Abort(error)
         if args.resume:
-            if not args.resume_changes and os.path.exists(self.file("final.json")):
-                raise Stopped(f"the run in {self.path} has finished (final.json); to extend it, resume it "
-                              "with a longer schedule (the flags named at the end of --help)", exit_code=0)
+            if os.path.exists(self.file("final.json")):
+                self._settle_finished(args)
             try:
                 self.state = torch.load(self.file("checkpoint.pt"), map_location="cpu", weights_only=False)
                 assert isinstance(self.state, dict)
@@ -1562,6 +1566,25 @@ class Run:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
         Run.active = self
+
+    def _settle_finished(self, args):
+        """A finished run (final.json) trains again only when a LENGTH_FLAGS flag grows; else only
+        EVALUATION_FLAGS take effect, in a new final evaluation. The other changes would train
+        nothing: they are dropped, so args.json keeps the settings that made the result, and with
+        nothing left the run says it has finished (exit 0, as a scheduler's requeue loop expects)."""
+        changes = args.resume_changes
+        for k, (old, new) in changes.items():
+            if k in LENGTH_FLAGS and type(new) is type(old) and new > old:
+                return  # extended: it trains again, with every change
+        idle = [k for k in changes if k not in EVALUATION_FLAGS]
+        for k in idle:
+            setattr(args, k, changes.pop(k)[0])
+        if not changes:
+            flags = ", ".join("--" + k.replace("_", "-") for k in idle)
+            unused = f"; {flags} would train nothing" if idle else ""
+            self.close()
+            raise Stopped(f"the run in {self.path} has finished (final.json){unused}; to extend it, resume "
+                          "it with a longer schedule (the flags named at the end of --help)", exit_code=0)
 
     # -- the directory ---------------------------------------------------------------------------
     def _claim(self, method, args):
@@ -1603,10 +1626,13 @@ class Run:
 
     def _reopen(self, args):
         path = args.resume
-        if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        checkpoint = os.path.isfile(os.path.join(path, "checkpoint.pt"))
+        if checkpoint or os.path.isfile(os.path.join(path, ".lock")):  # a live run says so, even before
+            self._lock(path)  # its first checkpoint
+        if not checkpoint:
+            self.close()
             raise Abort(f"--resume {path}: no checkpoint.pt there (the run stopped before its first "
                         f"checkpoint: start it again, with --out-dir {path} if you like)")
-        self._lock(path)
         _remove_stale_temporaries(os.path.join(path, "checkpoint.pt"))
         return path
 
@@ -1708,11 +1734,14 @@ class Run:
         set_rng_state(state["rng"])
         if state.get("step") is not None:  # stopped inside an epoch: `batches` skips what it trained
             self.resume_step, self.resume_meter = state["step"], state["meter"]
-            start = state["epoch"]
+            start, begun = state["epoch"], state["epoch"] + 1
         else:
-            start = state["epoch"] + 1
-        if start > epochs:
-            raise Abort(f"the run has trained {start} epochs of {stage}; --epochs cannot be lower than that")
+            start = begun = state["epoch"] + 1
+        if begun > epochs:
+            inside = f" and {state['step']} steps of epoch {begun}" if begun > start else ""
+            flag = next(f for f in (*LENGTH_FLAGS, "epochs") if f in vars(self.args)).replace("_", "-")
+            raise Abort(f"the run has trained {start} epochs of {stage}{inside}; --{flag} cannot be lower "
+                        f"than {begun}")
         return start
 
     def start_stage(self, stage, epochs):

@@ -903,6 +903,53 @@ def test_a_run_resumed_only_for_its_result_records_the_settings_that_made_it(tmp
     assert saved["probe_epochs"] == 3 and "resume_changes" not in saved
 
 
+def test_a_run_stopped_inside_an_epoch_keeps_that_epoch_in_its_schedule(tmp_path):
+    """Stopped 3 steps into its second epoch, a run has begun 2 epochs: --epochs 1 would write its
+    result as a 1-epoch run with more than one epoch trained."""
+    run = common.Run("test", run_args(tmp_path))
+    model = torch.nn.Linear(2, 1)
+    run.resume("s", 2, model=model)
+    run.save_checkpoint(1, step=3, meter=common.Meter())
+    run.close()
+    shorter = common.Run("test", resume_args(run.path, epochs=1))
+    with pytest.raises(common.Abort, match="trained 1 epochs of s and 3 steps of epoch 2; --epochs cannot be "
+                       "lower than 2"):
+        shorter.resume("s", 1, model=model)
+    shorter.close()
+    assert common.Run("test", resume_args(run.path, epochs=2)).resume("s", 2, model=model) == 1
+
+
+def test_a_finished_run_takes_only_changes_that_act(tmp_path, capsys):
+    """A finished run resumed with a flag that would train nothing (no longer schedule) says it has
+    finished and leaves its files as they are; an evaluation flag gives a new final evaluation, and
+    args.json then records it beside the settings that trained the weights."""
+    run = common.Run("test", run_args(tmp_path))
+    run.resume("s", 5, model=torch.nn.Linear(2, 1))
+    run.save_checkpoint(4)
+    run.finish({"acc": 0.5})
+    files = {name: (tmp_path / "r" / name).read_bytes() for name in ("args.json", "final.json")}
+
+    def resumed(**changes):
+        args = resume_args(run.path)
+        for k, (old, new) in changes.items():
+            setattr(args, k, new)
+        args.resume_changes = dict(changes)
+        return common.Run("test", args)
+
+    idle = ({}, {"lr": (0.1, 0.01)}, {"lr": (0.1, 0.01), "time_limit": (None, 60.0)}, {"epochs": (5, 4)})
+    for changes in idle:
+        with pytest.raises(common.Stopped, match="has finished") as info:
+            resumed(**changes)
+        named = re.findall(r"--([a-z-]+)", str(info.value).split("; to extend")[0])
+        assert info.value.exit_code == 0 and named == [k.replace("_", "-") for k in changes]
+    assert files == {name: (tmp_path / "r" / name).read_bytes() for name in files}
+    probe = resumed(lr=(0.1, 0.01), probe_epochs=(20, 3))
+    assert probe.args.resume_changes == {"probe_epochs": (20, 3)} and probe.args.lr == 0.1
+    probe.close()
+    longer = resumed(lr=(0.1, 0.01), epochs=(5, 8))
+    assert longer.args.resume_changes == {"lr": (0.1, 0.01), "epochs": (5, 8)} and longer.args.lr == 0.01
+
+
 def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
     first = common.Run("test", run_args(tmp_path))
     with pytest.raises(common.Abort, match="another process is running the run"):
@@ -923,6 +970,8 @@ def test_a_run_directory_is_claimed_by_exactly_one_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     live = [common.Run("test", run_args(tmp_path, None)) for _ in range(3)]
     assert len({run.path for run in live}) == 3  # runs started in the same second get their own directories
+    with pytest.raises(common.Abort, match="another process is running the run"):
+        common.Run("test", resume_args(first.path))  # a live run, before its first checkpoint
     first.save_checkpoint(0)
     with pytest.raises(common.Abort, match="another process is running the run"):
         common.Run("test", resume_args(first.path))  # the lock of a live run
