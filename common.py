@@ -55,9 +55,11 @@ class Stopped(Abort):
 
 
 def run_main(main):
-    """Call `main()` as a command: an Abort becomes one line on stderr and its exit code, Ctrl-C one
-    line saying how to resume (exit 130), and the torchrun process group is left cleanly."""
+    """Call `main()` as a command: SIGTERM and SIGUSR1 stop it resumably from the start
+    (catch_stop_signals), an Abort becomes one line on stderr and its exit code, Ctrl-C one line
+    saying how to resume (exit 130), and the torchrun process group is left cleanly."""
     prog = os.path.basename(sys.argv[0])
+    catch_stop_signals()
     try:
         main()
     except Stopped as stop:
@@ -73,6 +75,18 @@ def run_main(main):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def catch_stop_signals():
+    """From now on SIGTERM and SIGUSR1 (a scheduler's notice before preemption) only set
+    Run.stop_signal: the training loop checkpoints after its next step and stops with exit code 3,
+    also when the signal came during the start-up (data loading, building the network)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _request_stop)
+
+
+def _request_stop(signum, frame):
+    Run.stop_signal = signum
 
 
 # ================================================================================================
@@ -1521,12 +1535,13 @@ class Run:
 
     FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "final.json")
     active = None  # the run of this process, for the Ctrl-C message
+    stop_signal = None  # SIGTERM or SIGUSR1 received (catch_stop_signals), for the training loop
     _named_out_dir = False
 
     def __init__(self, method, args):
         self.main, self.args, self.script = rank() == 0, args, f"{method}.py"
         self.state, self.stage, self.objects, self.writer = None, None, {}, None
-        self.resume_step = self.resume_meter = self.stop_signal = None
+        self.resume_step = self.resume_meter = None
         self.lr_flag, self.path, self._changes_saved, error = "lr", None, False, None
         if self.main:
             try:
@@ -1563,8 +1578,7 @@ class Run:
             except ImportError:
                 raise Abort("--tensorboard needs TensorBoard: pip install tensorboard") from None
             self.writer = SummaryWriter(self.path)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
+        catch_stop_signals()
         Run.active = self
 
     def _settle_finished(self, args):
@@ -1765,9 +1779,6 @@ class Run:
         self.has_checkpoint = True
 
     # -- the training loop -----------------------------------------------------------------------
-    def _request_stop(self, signum, frame):
-        self.stop_signal = signum
-
     def _stop_requested(self, step):
         """A signal arrived (checked every step; under torchrun all ranks agree every 16 steps)."""
         if not dist.is_initialized():

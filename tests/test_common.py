@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -917,6 +918,31 @@ def test_a_run_stopped_inside_an_epoch_keeps_that_epoch_in_its_schedule(tmp_path
         shorter.resume("s", 1, model=model)
     shorter.close()
     assert common.Run("test", resume_args(run.path, epochs=2)).resume("s", 2, model=model) == 1
+
+
+def test_a_stop_signal_during_the_start_up_stops_the_run_at_its_first_step(tmp_path, monkeypatch):
+    """A scheduler's SIGUSR1 that arrives while the script loads its data (before the Run exists)
+    must not kill it: the run checkpoints after its first step and exits 3, as a requeue loop
+    expects."""
+    monkeypatch.setattr(common.Run, "stop_signal", None)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def main():
+        os.kill(os.getpid(), signal.SIGUSR1)  # the start-up
+        data = common.load_dataset("synthetic", "test")
+        run = common.Run("test", run_args(tmp_path))
+        run.resume("s", 2, model=torch.nn.Linear(2, 1))
+        for _ in run.batches(data, 100, 0, common.Meter()):
+            pass
+
+    try:
+        with pytest.raises(SystemExit) as info:
+            common.run_main(main)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert info.value.code == 3 and (state["epoch"], state["step"]) == (0, 1)
 
 
 def test_a_finished_run_takes_only_changes_that_act(tmp_path, capsys):
