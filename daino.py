@@ -359,7 +359,8 @@ def map_official_dino(state):
     backbone file (dino_deitsmall16_pretrain.pth: cls_token, pos_embed, patch_embed.proj.*,
     blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.*) or the full training
     checkpoint, whose "student" entry (what the official Daino loads) has "module.backbone." prefixes;
-    the head is dropped."""
+    the head is dropped. Raises ValueError for a block weight outside that layout (e.g. DINOv2's
+    LayerScale ls1, ls2)."""
     state = state.get("student", state)
     names = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
              "patch_embed.proj.weight": "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias",
@@ -374,6 +375,8 @@ def map_official_dino(state):
         elif key.startswith("blocks."):
             _, i, rest = key.split(".", 2)
             layer, kind = rest.rsplit(".", 1)
+            if layer not in parts:
+                raise ValueError(f"unknown weight {key}")
             name = parts[layer]  # attention's input projection: in_proj_weight, in_proj_bias
             name = name + kind if name.endswith("_") else f"{name}.{kind}"
             out[f"encoder.layers.encoder_layer_{i}.{name}"] = value
@@ -388,14 +391,17 @@ def load_weights(raw_model, path):
         saved = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as error:
         raise common.Abort(f"--init-from {path}: cannot read {source} ({type(error).__name__})") from None
-    if isinstance(saved, dict) and "objects" in saved:  # a run of suave.py or daino.py
-        weights = {k: v for k, v in saved["objects"]["model"].items() if k.startswith("backbone.")}
-    elif isinstance(saved, dict):
-        weights = {"backbone.vit." + k: v for k, v in map_official_dino(saved).items()}
-    else:
-        raise common.Abort(f"--init-from {path}: neither a run of this project nor a DINO checkpoint")
+    try:
+        if isinstance(saved, dict) and "objects" in saved:  # a run of suave.py or daino.py
+            weights = {k: v for k, v in saved["objects"]["model"].items() if k.startswith("backbone.")}
+        else:
+            weights = {"backbone.vit." + k: v for k, v in map_official_dino(saved).items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise common.Abort(f"--init-from {path}: neither a run of this project nor a DINO ViT-S/16 "
+                           f"checkpoint ({type(error).__name__}: {error})") from None
     expected = {k: v for k, v in raw_model.state_dict().items() if k.startswith("backbone.")}
-    wrong = [k for k in expected if k not in weights or weights[k].shape != expected[k].shape]
+    wrong = [k for k, v in expected.items()
+             if not torch.is_tensor(weights.get(k)) or weights[k].shape != v.shape]
     if wrong or len(weights) != len(expected):
         k = wrong[0] if wrong else next(k for k in weights if k not in expected)
         raise common.Abort(f"--init-from {path}: its weights do not fit this network ({k}); check --backbone "

@@ -324,15 +324,20 @@ def load_weights(raw_model, path, finetune):
         saved = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as error:
         raise common.Abort(f"{flag} {path}: cannot read {source} ({type(error).__name__})") from None
-    if isinstance(saved, dict) and "objects" in saved:  # a run of this file
-        keep = ("backbone.", "projection.") if finetune else ("backbone.",)
-        weights = {k: v for k, v in saved["objects"]["model"].items() if k.startswith(keep)}
-    elif finetune or not isinstance(saved, dict):
-        raise common.Abort(f"{flag} {path}: not a run of suave.py (no checkpoint.pt of this project)")
-    else:
-        keep, weights = ("backbone.",), {"backbone." + k: v for k, v in map_official_swav(saved).items()}
+    try:
+        if isinstance(saved, dict) and "objects" in saved:  # a run of this file
+            keep = ("backbone.", "projection.") if finetune else ("backbone.",)
+            weights = {k: v for k, v in saved["objects"]["model"].items() if k.startswith(keep)}
+        elif finetune or not isinstance(saved, dict):
+            raise common.Abort(f"{flag} {path}: not a run of suave.py (no checkpoint.pt of this project)")
+        else:
+            keep, weights = ("backbone.",), {"backbone." + k: v for k, v in map_official_swav(saved).items()}
+    except (AttributeError, KeyError, TypeError) as error:
+        raise common.Abort(f"{flag} {path}: neither a run of this project nor a SwAV checkpoint "
+                           f"({type(error).__name__}: {error})") from None
     expected = {k: v for k, v in raw_model.state_dict().items() if k.startswith(keep)}
-    wrong = [k for k in expected if k not in weights or weights[k].shape != expected[k].shape]
+    wrong = [k for k, v in expected.items()
+             if not torch.is_tensor(weights.get(k)) or weights[k].shape != v.shape]
     if wrong or len(weights) != len(expected):
         k = wrong[0] if wrong else next(k for k in weights if k not in expected)
         raise common.Abort(f"{flag} {path}: its weights do not fit this network ({k}); check --backbone "

@@ -240,6 +240,21 @@ def test_official_dino_checkpoint_maps_onto_torchvision_vit(tmp_path, layout):
     assert torch.equal(net.last_layer.parametrizations.weight.original1, last)
 
 
+@pytest.mark.parametrize("saved,named", [
+    ({"student": None}, "AttributeError"),  # a training checkpoint without its weights
+    ({"blocks.0.ls1.gamma": torch.ones(384)}, "unknown weight blocks.0.ls1.gamma"),  # DINOv2's LayerScale
+    ({"objects": {}}, "KeyError"),  # a checkpoint without a model
+    ({"cls_token": "not a tensor"}, "do not fit"),
+])
+def test_a_foreign_checkpoint_is_one_line(tmp_path, saved, named):
+    """--init-from a file that is neither a run of this project nor DINO's ViT-S/16 layout: one line
+    naming what did not fit, never a traceback (and never a network loaded without LayerScale)."""
+    torch.save(saved, tmp_path / "other.pth")
+    net = daino.DainoNet(daino.MultiResolutionViT(common.build_backbone("vit-s4-32")), 16, 8, 10, False)
+    with pytest.raises(common.Abort, match=named):
+        daino.load_weights(net, str(tmp_path / "other.pth"))
+
+
 def test_a_suave_run_gives_its_backbone(tmp_path):
     """The CIFAR-100 recipe starts from a SwAV run of suave.py: same backbone names."""
     torch.manual_seed(8)

@@ -266,6 +266,11 @@ def test_a_run_of_this_file_gives_its_backbone_or_backbone_and_projection(tmp_pa
     wider = suave.SuaveNet(common.build_backbone("resnet18", width=4), 8, 4, 10)
     with pytest.raises(common.Abort, match="do not fit"):
         suave.load_weights(wider, str(tmp_path / "run"), False)
+    for saved, named in (({"state_dict": None}, "AttributeError"), ({"objects": {}}, "KeyError"),
+                         ({"conv1.weight": "not a tensor"}, "do not fit")):  # foreign files: one line each
+        torch.save(saved, tmp_path / "other.pth")
+        with pytest.raises(common.Abort, match=named):
+            suave.load_weights(wider, str(tmp_path / "other.pth"), False)
 
 
 # ------------------------------------------------------------------------------------------------
