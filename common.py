@@ -56,8 +56,10 @@ class Stopped(Abort):
 
 def run_main(main):
     """Call `main()` as a command: SIGTERM and SIGUSR1 stop it resumably from the start
-    (catch_stop_signals), an Abort becomes one line on stderr and its exit code, Ctrl-C one line
-    saying how to resume (exit 130), and the torchrun process group is left cleanly."""
+    (catch_stop_signals), an Abort becomes one line on stderr and its exit code, running out of
+    memory one line and exit 2 (sizes too large for the device: nothing is lost, checkpoints are
+    written atomically), Ctrl-C one line saying how to resume (exit 130), and the torchrun process
+    group is left cleanly."""
     prog = os.path.basename(sys.argv[0])
     catch_stop_signals()
     try:
@@ -72,6 +74,17 @@ def run_main(main):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {Run.resume_hint()}", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(error)
+        oom = isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+        if not oom:
+            raise  # a fault of the code, not of the sizes
+        wanted = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", text)
+        size = (f" ({int(wanted[1]) / 2**30:,.1f} GiB at once)" if wanted and wanted[1] else
+                f" ({wanted[2]} at once)" if wanted else "")
+        print(f"{prog}: error: out of memory{size}: lower the sizes (--batch-size, --width, --global-size, "
+              "...) or use a device with more memory", file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

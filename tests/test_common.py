@@ -945,6 +945,26 @@ def test_a_stop_signal_during_the_start_up_stops_the_run_at_its_first_step(tmp_p
     assert info.value.code == 3 and (state["epoch"], state["step"]) == (0, 1)
 
 
+def _raise(error):
+    raise error
+
+
+def test_sizes_too_large_for_the_memory_are_one_line(monkeypatch, capsys):
+    """--width 100000 and the like: an allocation the machine cannot make is a usage error (one
+    line, exit 2); any other RuntimeError is a fault of the code and keeps its traceback."""
+    monkeypatch.setattr(sys, "argv", ["m.py"])
+    cuda = "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.8 GiB"
+    for make, size in ((lambda: torch.empty(2**50, dtype=torch.uint8), "1,048,576.0 GiB"),
+                       (lambda: _raise(torch.OutOfMemoryError(cuda)), "20.00 GiB")):
+        with pytest.raises(SystemExit) as info:
+            common.run_main(make)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"m.py: error: out of memory ({size} at once): lower the sizes (--batch-size")
+    with pytest.raises(RuntimeError, match="a fault"):
+        common.run_main(lambda: _raise(RuntimeError("a fault")))
+
+
 def test_a_finished_run_takes_only_changes_that_act(tmp_path, capsys):
     """A finished run resumed with a flag that would train nothing (no longer schedule) says it has
     finished and leaves its files as they are; an evaluation flag gives a new final evaluation, and
