@@ -276,6 +276,9 @@ def check_args(p, args):
             p.error(f"--{flag.replace('_', '-')} {low} {high}: the minimum is above the maximum")
     if args.labels_per_class == 0 and args.supervised_only:
         p.error("--supervised-only needs labels: --labels-per-class is 0")
+    if args.head_bn and args.supervised_only and not args.mix_labelled and args.labelled_batch_size < 2:
+        p.error("--head-bn normalises over the batch: the head would see 1 labelled image a step; raise "
+                "--labelled-batch-size or add --mix-labelled")
     if args.backbone.startswith("vit"):
         patch = 16 if args.backbone == "vit-s16" else 4
         if args.global_size < patch or args.local_size < patch:

@@ -258,6 +258,9 @@ def check_args(p, args):
             p.error(f"--{flag.replace('_', '-')} {low} {high}: the minimum is above the maximum")
     if args.labels_per_class == 0 and args.supervised_only:
         p.error("--supervised-only needs labels: --labels-per-class is 0")
+    if args.supervised_only and not args.mix_labelled and args.labelled_batch_size < 2:
+        p.error("the projection's BatchNorm normalises over the batch: it would see 1 labelled image a "
+                "step; raise --labelled-batch-size or add --mix-labelled")
     if args.init_from and args.finetune_from:
         p.error("--init-from and --finetune-from exclude each other (fine-tuning loads the whole network)")
     if args.lr is None:  # SwAV: solo-learn's linear scaling rule

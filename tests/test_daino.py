@@ -331,6 +331,7 @@ def test_colour_jitter_moves_the_hue_only_when_asked(hue):
     (["--global-scale", "0.8", "0.2"], "--global-scale"),
     (["--blur", "0.5", "0.5"], "--blur"),
     (["--backbone", "vit-s16", "--global-size", "12"], "16 px"),
+    (["--head-bn", "--supervised-only", "--no-mix-labelled", "--labelled-batch-size", "1"], "1 labelled"),
 ])
 def test_bad_combinations_exit_2_with_one_line(flags, named, capsys):
     with pytest.raises(SystemExit) as info:

@@ -307,6 +307,7 @@ def test_recipes_of_the_defaults():
     (["--label-fraction", "0.1", "--labels-per-class", "4"], "one of"),
     (["--global-scale", "0.8", "0.2"], "--global-scale"),
     (["--global-scale", "0", "1"], "--global-scale"),
+    (["--supervised-only", "--no-mix-labelled", "--labelled-batch-size", "1"], "1 labelled image"),
 ])
 def test_bad_combinations_exit_2_with_one_line(flags, named, capsys):
     with pytest.raises(SystemExit) as info:
