@@ -1338,6 +1338,7 @@ def parse_arguments(parser, argv, script, check, resumable=()):
     dests = vars(parser.parse_args([]))
     given = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset))))
     saved = Run.saved_args(args.resume, script, dests)
+    _check_saved(parser, saved, args.resume)
     changes = {k: (saved[k], v) for k, v in given.items()
                if v is not unset and k not in ("resume", "script") and v != saved.get(k)}
     refused = [k for k in changes if k not in (*RESUME_RUN_FLAGS, *resumable)]
@@ -1350,6 +1351,36 @@ def parse_arguments(parser, argv, script, check, resumable=()):
     args.resume_changes = changes
     check(parser, args)
     return args
+
+
+def _check_saved(parser, saved, path):
+    """Refuse (Abort, exit 2) a value of args.json that its flag could not have given: a string for a
+    number, one value for a pair, a choice not offered (an edit by hand)."""
+    for action in parser._actions:
+        name, value = action.dest, saved.get(action.dest)
+        if value is None or name == "resume":  # None: a setting some rows leave unset
+            continue
+        many = isinstance(action.nargs, int) and action.nargs > 0 or action.nargs in ("+", "*")
+        values = value if many else [value]
+        if action.nargs == 0:  # a switch
+            fits = isinstance(value, bool)
+        elif not isinstance(values, list) or (isinstance(action.nargs, int) and len(values) != action.nargs):
+            fits = False
+        else:
+            fits = all(_gives(action, v) for v in values)
+        if not fits:
+            raise Abort(f"--resume {path}: args.json holds {name} = {json.dumps(value)}, which "
+                        f"--{name.replace('_', '-')} cannot give; was args.json edited?")
+
+
+def _gives(action, value):
+    """Whether the flag of `action` turns some text into `value` (one value of it)."""
+    if isinstance(value, (bool, list, dict)) or (action.choices is not None and value not in action.choices):
+        return False
+    try:
+        return action.type(str(value)) == value if action.type else isinstance(value, str)
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
 
 
 def peek_dataset(argv, default):
